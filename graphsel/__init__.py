@@ -1,0 +1,24 @@
+"""graphsel: a channel-level graph compiler for PyTorch.
+
+``graphsel.transform(model, passes=[...])`` traces any model with torch.fx and runs composable,
+verified passes over it; ``graphsel.report(gm)`` shows what each pass did.
+"""
+from .errors import ExampleInputError, FunctionChangedError, GraphselError, MaskError, PassError, TraceError
+from .meta import GraphselMeta, graphsel_meta
+from .passbase import Contract, Diagnostic, Pass, PassResult
+from .context import PassContext, register_analysis
+from .registry import available_passes, register_pass, resolve_pass, resolve_passes
+from .tracing import register_leaf_module, trace
+from .patterns import Optional, Pattern
+from .pipeline import transform
+from .report import report
+from .cost import cost
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "trace", "transform", "report", "cost", "Pass", "PassResult", "PassContext", "Contract", "Diagnostic",
+    "register_pass", "register_leaf_module", "register_analysis", "available_passes", "resolve_pass",
+    "resolve_passes", "Pattern", "Optional", "GraphselError", "TraceError", "PassError",
+    "FunctionChangedError", "MaskError", "ExampleInputError", "GraphselMeta", "graphsel_meta",
+]

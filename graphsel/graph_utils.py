@@ -1,0 +1,51 @@
+"""Small helpers for editing GraphModules (module replacement, use counts, cleanup)."""
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn as nn
+
+
+def split_path(path: str) -> tuple[str, str]:
+    parent, _, name = path.rpartition(".")
+    return parent, name
+
+
+def replace_module(gm: fx.GraphModule, path: str, new: nn.Module) -> None:
+    """Put ``new`` at dotted ``path`` (no recompile needed: call_module nodes look modules up by name)."""
+    parent, name = split_path(path)
+    setattr(gm.get_submodule(parent) if parent else gm, name, new)
+
+
+def call_count(gm: fx.GraphModule, path: str) -> int:
+    """How many call_module nodes call the module at ``path``."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == path)
+
+
+def delete_unused_modules(gm: fx.GraphModule) -> None:
+    """Remove submodules no node uses (parameters read with get_attr keep their module)."""
+    gm.delete_all_unused_submodules()
+
+
+def unique_module_path(gm: fx.GraphModule, base: str) -> str:
+    """A dotted path under ``base`` not used by any submodule yet (``base``, ``base_1``, ...)."""
+    existing = dict(gm.named_modules())
+    path, i = base, 1
+    while path in existing or _attr_exists(gm, path):
+        path, i = f"{base}_{i}", i + 1
+    return path
+
+
+def _attr_exists(gm: nn.Module, path: str) -> bool:
+    obj = gm
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def add_module(gm: fx.GraphModule, base: str, module: nn.Module) -> str:
+    """Register ``module`` under a fresh path derived from ``base``; returns the path."""
+    path = unique_module_path(gm, base)
+    gm.add_submodule(path, module)
+    return path

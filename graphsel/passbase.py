@@ -1,0 +1,105 @@
+"""The pass abstraction: a small object with a name, a contract and ``run(gm, ctx) -> PassResult``.
+
+A pass author writes::
+
+    @register_pass
+    class MyPass(Pass):
+        '''Contract: exact. Replaces ... ; skips ... (reported).'''
+        name = "my_pass"
+        contract = Contract.EXACT
+        def __init__(self, threshold: float = 0.5):
+            super().__init__(threshold=threshold)
+            ...
+        def run(self, gm, ctx):
+            ...
+            return PassResult(gm, modified=True, stats={"rewritten": 3}, diagnostics=[...])
+
+and gets tracing, copying, linting, contract verification, reporting and error handling from
+:func:`graphsel.transform`.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch.fx as fx
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import PassContext
+
+
+class Contract(str, enum.Enum):
+    """What a pass promises about the function of the graph.
+
+    * ``exact``: outputs match the input graph (reference semantics, eval mode) within the
+      dtype's float tolerance.
+    * ``approximate``: outputs may move; the pass reports its measured deviation and, when it
+      states a bound (``PassResult.bound``), the pipeline checks the deviation against it.
+    * ``structural``: outputs change by design (pruning); the pass reports what it removed.
+    """
+    EXACT = "exact"
+    APPROXIMATE = "approximate"
+    STRUCTURAL = "structural"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class Diagnostic:
+    """Why a pass did (or did not) touch part of the graph.
+
+    ``level``: ``"skip"`` (a candidate was not rewritten, and why), ``"info"`` or ``"warning"``.
+    ``where``: node or module path the message is about.
+    """
+    message: str
+    where: str = ""
+    level: str = "skip"
+
+    def __str__(self) -> str:
+        return f"[{self.level}] {self.where + ': ' if self.where else ''}{self.message}"
+
+
+@dataclass
+class PassResult:
+    """What a pass returns. ``gm`` may be the module it was given (edited in place: the pipeline
+    always hands a pass its own copy) or a new one. ``bound`` is the maximum output deviation an
+    approximate pass promises (absolute), checked by the pipeline when set."""
+    gm: fx.GraphModule
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    bound: float | None = None
+
+
+class Pass:
+    """Base class of graph passes (see the module docstring).
+
+    Subclasses set ``name`` (registry name), ``contract`` and implement :meth:`run`. Options are
+    passed to ``__init__`` as keywords and recorded with ``super().__init__(**options)`` so that
+    reports, the CLI and ``repr`` can show them.
+    """
+
+    name: ClassVar[str] = ""
+    contract: ClassVar[Contract] = Contract.EXACT
+
+    def __init__(self, **options: Any):
+        self._options = dict(options)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self._options)
+
+    def run(self, gm: fx.GraphModule, ctx: "PassContext") -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must implement run(gm, ctx)")
+
+    def __call__(self, gm: fx.GraphModule, ctx: "PassContext | None" = None) -> PassResult:
+        if ctx is None:
+            from .context import PassContext
+            ctx = PassContext.for_graph(gm)
+        return self.run(gm, ctx)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self._options.items())
+        return f"{type(self).__name__}({opts})"

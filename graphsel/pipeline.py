@@ -1,0 +1,163 @@
+"""``graphsel.transform``: trace, run passes on copies, check each result, verify each contract.
+
+For each pass: deep-copy the current graph, run the pass, ``graph.lint()``, check that every
+module and attribute target resolves, recompile, re-propagate shapes when the graph changed,
+verify the contract against the previous graph (eval mode; example inputs plus random inputs;
+dtype tolerances), and record a row of the pass history. A failing pass raises
+:class:`~graphsel.PassError` or :class:`~graphsel.FunctionChangedError`; the user's model is never
+touched (tracing works on a deep copy).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .context import PassContext
+from .errors import FunctionChangedError, GraphselError, PassError
+from .meta import PassRecord, graphsel_meta
+from .passbase import Contract, Pass, PassResult
+from .registry import resolve_passes
+from .shapes import propagate_shapes
+from .tracing import example_inputs_of, trace
+from .verify import Deviation, compare_outputs, first_divergence, reference_forward
+
+
+def _check_invariants(gm: fx.GraphModule, pass_name: str) -> None:
+    try:
+        gm.graph.lint()
+    except Exception as e:  # noqa: BLE001
+        raise PassError(pass_name, f"produced an invalid graph: {e}") from e
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            try:
+                gm.get_submodule(n.target)
+            except AttributeError:
+                raise PassError(pass_name, f"node '{n.name}' calls module '{n.target}', which does not exist") from None
+        elif n.op == "get_attr":
+            try:
+                obj = gm
+                for part in n.target.split("."):
+                    obj = getattr(obj, part)
+            except AttributeError:
+                raise PassError(pass_name, f"node '{n.name}' reads attribute '{n.target}', which does not exist") from None
+
+
+def _mode_of(model: nn.Module) -> bool | None:
+    """True (all train), False (all eval) or None (mixed)."""
+    flags = {m.training for m in model.modules()}
+    return flags.pop() if len(flags) == 1 else None
+
+
+def _cost_pair(gm: fx.GraphModule, ctx: PassContext) -> tuple[int | None, int | None]:
+    try:
+        c = ctx.analysis("cost", gm)
+        return c.params, c.macs
+    except Exception:  # noqa: BLE001 - cost is informative only
+        return sum(p.numel() for p in gm.parameters()), None
+
+
+def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = True,
+             reference: list[list[torch.Tensor]] | None = None, rtol: float | None = None,
+             atol: float | None = None) -> tuple[fx.GraphModule, PassRecord, list[list[torch.Tensor]] | None]:
+    """Run one pass on a copy of ``gm`` with all checks; returns (new gm, history row, new reference outputs)."""
+    work = copy.deepcopy(gm)
+    names_before = {n.name for n in gm.graph.nodes}
+    params_before, macs_before = _cost_pair(gm, ctx)
+    t0 = time.perf_counter()
+    try:
+        result = p(work, ctx)
+    except GraphselError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise PassError(p.name, f"failed with {type(e).__name__}: {e}") from e
+    seconds = time.perf_counter() - t0
+    if not isinstance(result, PassResult):
+        raise PassError(p.name, f"returned {type(result).__name__}, not a graphsel.PassResult")
+    new = result.gm
+    if not isinstance(new, fx.GraphModule):
+        raise PassError(p.name, f"PassResult.gm is a {type(new).__name__}, not a torch.fx.GraphModule")
+    new.meta.setdefault("graphsel", graphsel_meta(work))
+    _check_invariants(new, p.name)
+    new.recompile()
+    inputs = example_inputs_of(new) or ctx.example_inputs
+    if result.modified and inputs is not None:
+        try:
+            propagate_shapes(new, inputs)
+        except GraphselError as e:
+            raise PassError(p.name, f"the rewritten graph no longer runs on the example inputs: {e}") from e
+    names_after = {n.name for n in new.graph.nodes}
+    params_after, macs_after = _cost_pair(new, ctx)
+
+    dev: Deviation | None = None
+    vt0 = time.perf_counter()
+    new_reference = None
+    if verify and ctx.verify_inputs():
+        if reference is None:
+            reference = [reference_forward(gm, x) for x in ctx.verify_inputs()]
+        new_reference = [reference_forward(new, x) for x in ctx.verify_inputs()]
+        dev = compare_outputs(reference, new_reference, rtol, atol)
+        contract = p.contract
+        violated = False
+        if contract is Contract.EXACT:
+            violated = not dev.ok
+        elif contract is Contract.APPROXIMATE and result.bound is not None:
+            violated = not dev.shapes_match or dev.max_abs > result.bound + dev.tolerance
+        elif not dev.shapes_match:
+            violated = True
+        if violated:
+            node, detail = first_divergence(gm, new, ctx.verify_inputs()[0], rtol, atol)
+            tol = dev.tolerance if contract is Contract.EXACT else (result.bound or 0.0) + dev.tolerance
+            raise FunctionChangedError(p.name, str(contract), dev.max_abs, dev.max_rel, tol, node,
+                                       detail or dev.detail)
+    record = PassRecord(
+        name=p.name, contract=str(p.contract), options=p.options, seconds=seconds, modified=result.modified,
+        nodes_before=len(names_before), nodes_after=len(names_after),
+        nodes_added=len(names_after - names_before), nodes_removed=len(names_before - names_after),
+        params_before=params_before, params_after=params_after, macs_before=macs_before, macs_after=macs_after,
+        max_abs=dev.max_abs if dev else None, max_rel=dev.max_rel if dev else None,
+        tolerance=(dev.tolerance if p.contract is Contract.EXACT else result.bound) if dev else None,
+        verify_seconds=time.perf_counter() - vt0, stats=dict(result.stats), diagnostics=list(result.diagnostics))
+    graphsel_meta(new).history.append(record)
+    return new, record, new_reference
+
+
+def transform(model: nn.Module, passes: Any, example_inputs: Any = None, *, verify: bool = True,
+              leaf_modules: Sequence[type | str] = (), concrete_args: dict[str, Any] | None = None,
+              seed: int = 0, n_random_inputs: int = 2, rtol: float | None = None, atol: float | None = None,
+              progress: bool | None = None) -> fx.GraphModule:
+    """Trace ``model`` (unless it is a graphsel GraphModule) and run ``passes`` over it.
+
+    ``passes``: Pass objects, registered names, ``(name, {options})`` pairs, or one
+    comma-separated string. ``verify``: check every pass's contract (see the module docstring).
+    Returns a GraphModule carrying its pass history (:func:`graphsel.report` renders it), in the
+    training mode of ``model`` when that mode was uniform.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"graphsel.transform expects a torch.nn.Module, got {type(model).__name__}")
+    pipeline = resolve_passes(passes)
+    mode = _mode_of(model)
+    if isinstance(model, fx.GraphModule) and graphsel_meta(model, create=False) is not None:
+        gm = copy.deepcopy(model)
+        if example_inputs is not None:
+            from .tracing import _as_tuple
+            inputs = _as_tuple(example_inputs)
+            propagate_shapes(gm, inputs)
+            gm.meta["graphsel_example_inputs"] = inputs
+    else:
+        gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    ctx = PassContext(example_inputs_of(gm), n_random_inputs=n_random_inputs, seed=seed)
+    reference = None
+    bar = tqdm(pipeline, desc="graphsel", unit="pass", disable=(not progress) if progress is not None else None,
+               leave=False)
+    for p in bar:
+        bar.set_postfix_str(p.name)
+        gm, _, reference = run_pass(p, gm, ctx, verify=verify, reference=reference, rtol=rtol, atol=atol)
+    if mode is not None:
+        gm.train(mode)
+    return gm

@@ -1,0 +1,75 @@
+"""Shape propagation: run the graph once on example inputs and record each node's tensor metadata."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import ExampleInputError
+from .meta import InputSpec, graphsel_meta
+
+
+def node_source(node: fx.Node) -> str:
+    """A short description of where a node comes from: module path or function name."""
+    if node.op == "call_module":
+        return f"module '{node.target}'"
+    if node.op == "call_function":
+        return f"function {getattr(node.target, '__name__', node.target)}"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    return f"{node.op} {node.target}"
+
+
+class _TrackingShapeProp(ShapeProp):
+    """ShapeProp that remembers the node it is running, to name it in errors."""
+
+    current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node):
+        self.current = n
+        return super().run_node(n)
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Fill ``node.meta["tensor_meta"]`` (eval mode, no grad; the module's mode is restored)."""
+    was_training = [m.training for m in gm.modules()]
+    gm.eval()
+    prop = _TrackingShapeProp(gm)
+    try:
+        with torch.no_grad():
+            prop.propagate(*example_inputs)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        n = prop.current
+        where = f" at node '{n.name}' ({node_source(n)})" if n is not None else ""
+        shapes = ", ".join(str(InputSpec.of(t)) if isinstance(t, torch.Tensor) else type(t).__name__
+                           for t in example_inputs)
+        raise ExampleInputError(
+            f"the example inputs ({shapes}) do not fit the model: running it failed{where}: "
+            f"{type(e).__name__}: {_first_line(e)}. Pass example_inputs with the shape, dtype and "
+            f"device the model expects (one tensor per forward argument).") from e
+    finally:
+        for m, t in zip(gm.modules(), was_training):
+            m.training = t
+    meta = graphsel_meta(gm)
+    meta.inputs = [InputSpec.of(t) for t in example_inputs if isinstance(t, torch.Tensor)]
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else ""
+
+
+def has_shapes(gm: fx.GraphModule) -> bool:
+    """True when every tensor-producing node carries ``tensor_meta``."""
+    for n in gm.graph.nodes:
+        if n.op in ("call_module", "call_function", "call_method", "placeholder") and "tensor_meta" not in n.meta:
+            return False
+    return True
+
+
+def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The recorded shape of a node's (tensor) output, or None."""
+    tm = node.meta.get("tensor_meta")
+    if tm is None or not hasattr(tm, "shape"):
+        return None
+    return tuple(tm.shape)

@@ -1,0 +1,253 @@
+"""``graphsel.trace``: torch.fx symbolic tracing that never mutates the user's model and leafs
+what it cannot trace.
+
+* Traces a ``copy.deepcopy`` of the model (LeViT-style caches would otherwise capture proxies,
+  and leaf modules would be shared with the user's model).
+* ``proxy_buffer_attributes=True`` (in-place buffer updates are recorded, not executed) and
+  ``param_shapes_constant=True`` (branches on parameter shapes are resolved).
+* Only ``torch.nn`` modules (and classes registered with :func:`register_leaf_module`) are leaves.
+* Automatic leafing: when tracing fails inside a submodule, the innermost failing submodule
+  becomes an opaque leaf and tracing is retried. Every leafed module is recorded in
+  ``gm.meta["graphsel"].leafed`` and in the report; channels crossing it are frozen.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+import traceback
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import ExampleInputError, TraceError
+from .meta import GraphselMeta, LeafRecord, META_KEY, graphsel_meta
+from .shapes import propagate_shapes
+
+_REGISTERED_LEAVES: list[type] = []
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_IMAGE_SIZES = (224, 32, 28, 64, 299, 96)
+
+
+def register_leaf_module(cls: type) -> type:
+    """Register a module class that tracing must keep as one opaque ``call_module`` node
+    (graphsel's own trainable modules, e.g. selective convolutions, use this).
+    Usable as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_leaf_module expects an nn.Module subclass, got {cls!r}")
+    if cls not in _REGISTERED_LEAVES:
+        _REGISTERED_LEAVES.append(cls)
+    return cls
+
+
+def registered_leaf_modules() -> tuple[type, ...]:
+    return tuple(_REGISTERED_LEAVES)
+
+
+class GraphselTracer(fx.Tracer):
+    """The tracer behind :func:`trace` (see the module docstring)."""
+
+    proxy_buffer_attributes = True
+
+    def __init__(self, leaf_types: Sequence[type] = (), leaf_paths: Iterable[str] = ()):
+        super().__init__(param_shapes_constant=True)
+        self.leaf_types = tuple(_REGISTERED_LEAVES) + tuple(leaf_types)
+        self.leaf_paths = set(leaf_paths)
+        self._stack: list[str] = []
+        self.failure_stack: list[str] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_paths:
+            return True
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            path = self.path_of_module(m)
+        except NameError:
+            return super().call_module(m, forward, args, kwargs)
+        if self.is_leaf_module(m, path):
+            return super().call_module(m, forward, args, kwargs)
+        self._stack.append(path)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failure_stack is None:
+                self.failure_stack = list(self._stack)
+            raise
+        finally:
+            self._stack.pop()
+
+
+def _user_frame(exc: BaseException) -> str:
+    """``file:line: code`` of the last traceback frame outside torch (the user's statement)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for fr in reversed(frames):
+        if not fr.filename.startswith((_TORCH_DIR, _OWN_DIR)):
+            return f"{fr.filename}:{fr.lineno}: {(fr.line or '').strip()}"
+    if frames:
+        fr = frames[-1]
+        return f"{fr.filename}:{fr.lineno}: {(fr.line or '').strip()}"
+    return ""
+
+
+def _short(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    msg = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {msg}"[:300]
+
+
+def _remedy(exc: BaseException, path: str) -> str:
+    msg = str(exc)
+    if "control flow" in msg or "cannot be used as inputs to control flow" in msg:
+        hint = ("the code branches on a traced value (a tensor, a shape, or a non-tensor argument). "
+                "Pass concrete_args={'flag': value} for flag arguments, replace `assert` by torch._assert, "
+                "or keep the module opaque")
+    elif "iterate" in msg or "len" in msg:
+        hint = "the code iterates over or takes len() of a tensor; keep the module opaque"
+    else:
+        hint = "keep the failing module opaque"
+    where = f"leaf_modules=['{path}']" if path else "leaf_modules=[...] naming the failing submodule"
+    return f"{hint}: graphsel.trace(model, leaf_modules=... e.g. {where}) or a class in leaf_modules, " \
+           f"or pass concrete_args=... for non-tensor forward arguments."
+
+
+def _as_tuple(example_inputs: Any) -> tuple | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def _first_param(model: nn.Module) -> torch.Tensor | None:
+    for p in model.parameters():
+        return p
+    for b in model.buffers():
+        if b.is_floating_point():
+            return b
+    return None
+
+
+def infer_example_inputs(gm: fx.GraphModule) -> tuple[tuple, str]:
+    """A default input for an image classifier: one sample with the first convolution's input
+    channels, at the first of 224, 32, 28, 64, 299, 96 pixels that runs. Returns (inputs, note)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [n for n in placeholders if not n.args]
+    if len(required) != 1:
+        raise ExampleInputError(
+            f"cannot infer example inputs for a model whose forward takes {len(required)} inputs "
+            f"({', '.join(n.target for n in required)}); pass example_inputs=(...).")
+    first = None
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            m = gm.get_submodule(n.target)
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                first = m
+                break
+    if first is None:
+        raise ExampleInputError("cannot infer example inputs: the model has no convolution or linear layer "
+                                "to read the input channels from; pass example_inputs=(...).")
+    ref = _first_param(gm)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    device = ref.device if ref is not None else torch.device("cpu")
+    if isinstance(first, nn.Linear):
+        x = torch.randn(1, first.in_features, dtype=dtype, device=device)
+        return (x,), f"example input inferred from the first Linear: {tuple(x.shape)}"
+    c = first.in_channels
+    spatial_dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(first)] if type(first) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else 2
+    errors = []
+    for s in DEFAULT_IMAGE_SIZES:
+        size = (1, c) + (s,) * spatial_dims if spatial_dims < 3 else (1, c, 16, s // 2, s // 2)
+        x = torch.randn(size, dtype=dtype, device=device)
+        try:
+            propagate_shapes(gm, (x,))
+            return (x,), (f"example input inferred from the first convolution ({c} input channels): "
+                          f"{tuple(size)}; pass example_inputs=... to choose another")
+        except ExampleInputError as e:
+            errors.append(f"{s}px: {e.__cause__!s:.120}")
+    raise ExampleInputError("cannot infer example inputs: the model runs on none of the default sizes "
+                            f"({'; '.join(errors)}); pass example_inputs=(...).")
+
+
+def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequence[type | str] = (),
+          concrete_args: dict[str, Any] | None = None, max_auto_leaves: int = 64) -> fx.GraphModule:
+    """Trace ``model`` into a :class:`torch.fx.GraphModule` (see the module docstring).
+
+    ``example_inputs`` (a tensor or a tuple of tensors) are used for shape propagation; without
+    them an image-classifier input is inferred from the first convolution and the report says so.
+    ``leaf_modules`` may hold module classes and dotted module paths to keep opaque.
+    The returned module is in the training mode of ``model``; ``model`` itself is never touched.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"graphsel.trace expects a torch.nn.Module, got {type(model).__name__}. "
+                        f"Wrap functions in an nn.Module whose forward calls them.")
+    inputs = _as_tuple(example_inputs)
+    if inputs is not None:
+        for i, t in enumerate(inputs):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"example_inputs[{i}] is a {type(t).__name__}; graphsel needs tensors "
+                                f"(pass non-tensor arguments through concrete_args=...).")
+    leaf_types, leaf_paths = [], []
+    for item in leaf_modules:
+        if isinstance(item, str):
+            leaf_paths.append(item)
+        elif isinstance(item, type) and issubclass(item, nn.Module):
+            leaf_types.append(item)
+        else:
+            raise TypeError(f"leaf_modules entries must be nn.Module classes or dotted paths, got {item!r}")
+    for p in leaf_paths:
+        try:
+            model.get_submodule(p)
+        except AttributeError:
+            raise ValueError(f"leaf_modules names '{p}', which is not a submodule of {type(model).__name__}") from None
+
+    t0 = time.perf_counter()
+    leafed: list[LeafRecord] = []
+    while True:
+        work = copy.deepcopy(model)
+        tracer = GraphselTracer(leaf_types, list(leaf_paths) + [r.path for r in leafed])
+        try:
+            graph = tracer.trace(work, concrete_args=concrete_args)
+            break
+        except Exception as e:  # noqa: BLE001
+            stack = tracer.failure_stack
+            if not stack:
+                raise TraceError(
+                    f"cannot trace {type(model).__name__}: {_short(e)} (the failure is in the model's own "
+                    f"forward, which cannot be made a leaf)", module_path="",
+                    source_line=_user_frame(e), remedy=_remedy(e, "")) from e
+            path = stack[-1]
+            if path in leaf_paths or any(r.path == path for r in leafed) or len(leafed) >= max_auto_leaves:
+                raise TraceError(f"cannot trace {type(model).__name__}: {_short(e)}", module_path=path,
+                                 source_line=_user_frame(e), remedy=_remedy(e, path)) from e
+            sub = work.get_submodule(path)
+            leafed.append(LeafRecord(path, type(sub).__qualname__, _short(e)))
+
+    gm = fx.GraphModule(work, graph, class_name=type(model).__name__)
+    gm.training = model.training
+    meta = GraphselMeta(model_class=f"{type(model).__module__}.{type(model).__qualname__}", leafed=leafed,
+                        trained_mode=model.training)
+    gm.meta[META_KEY] = meta
+    for r in leafed:
+        meta.notes.append(f"leafed '{r.path}' ({r.cls}): {r.reason}; its channels are frozen")
+    if inputs is None:
+        inputs, note = infer_example_inputs(gm)
+        meta.notes.append(note)
+    else:
+        propagate_shapes(gm, inputs)
+    meta.trace_seconds = time.perf_counter() - t0
+    gm.meta["graphsel_example_inputs"] = inputs
+    return gm
+
+
+def example_inputs_of(gm: fx.GraphModule) -> tuple | None:
+    """The example inputs recorded at trace time (None for a GraphModule graphsel did not trace)."""
+    return gm.meta.get("graphsel_example_inputs")
