@@ -6,6 +6,12 @@ what it cannot trace.
 * ``proxy_buffer_attributes=True`` (in-place buffer updates are recorded, not executed) and
   ``param_shapes_constant=True`` (branches on parameter shapes are resolved).
 * Only ``torch.nn`` modules (and classes registered with :func:`register_leaf_module`) are leaves.
+* The graph has eval-mode semantics: the copy is traced with every module in eval mode, so code
+  that reads ``self.training`` as a Python value (``F.dropout(x, p, self.training)``,
+  ``if self.training:``) is specialised for inference, the mode graphsel verifies and deploys.
+  The returned module then gets each module's own training flag back (torch.nn modules such as
+  ``nn.Dropout`` and ``nn.BatchNorm2d`` still follow ``.train()``/``.eval()``); when a train-mode
+  trace would differ, a note says so.
 * Automatic leafing: when tracing fails inside a submodule, the innermost failing submodule
   becomes an opaque leaf and tracing is retried. Every leafed module is recorded in
   ``gm.meta["graphsel"].leafed`` and in the report; channels crossing it are frozen.
@@ -184,7 +190,8 @@ def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequenc
     ``example_inputs`` (a tensor or a tuple of tensors) are used for shape propagation; without
     them an image-classifier input is inferred from the first convolution and the report says so.
     ``leaf_modules`` may hold module classes and dotted module paths to keep opaque.
-    The returned module is in the training mode of ``model``; ``model`` itself is never touched.
+    The graph has eval-mode semantics (module docstring); every module of the returned
+    GraphModule has the training flag of its counterpart in ``model``, which is never touched.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"graphsel.trace expects a torch.nn.Module, got {type(model).__name__}. "
@@ -211,8 +218,48 @@ def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequenc
 
     t0 = time.perf_counter()
     leafed: list[LeafRecord] = []
+    work, graph = _trace_with_auto_leafing(model, leaf_types, leaf_paths, leafed, concrete_args, max_auto_leaves,
+                                           training=False)
+    train_differs = False
+    if any(m.training for m in model.modules()):
+        # The graph is traced with eval semantics (what graphsel verifies and deploys). Code that
+        # reads self.training as a Python value (F.dropout(training=self.training), `if self.training:`)
+        # is specialised at trace time; say so when the train-mode trace would differ.
+        try:
+            _, train_graph = _trace_with_auto_leafing(model, leaf_types, leaf_paths, list(leafed), concrete_args,
+                                                      max_auto_leaves, training=True)
+            train_differs = _graph_signature(train_graph) != _graph_signature(graph)
+        except Exception:  # noqa: BLE001 - informative only
+            train_differs = True
+    gm = fx.GraphModule(work, graph, class_name=type(model).__name__)
+    _copy_training_flags(model, gm)
+    meta = GraphselMeta(model_class=f"{type(model).__module__}.{type(model).__qualname__}", leafed=leafed,
+                        trained_mode=model.training)
+    gm.meta[META_KEY] = meta
+    for r in leafed:
+        meta.notes.append(f"leafed '{r.path}' ({r.cls}): {r.reason}; its channels are frozen")
+    if train_differs:
+        meta.notes.append("the model's forward reads self.training as a Python value (functional dropout or "
+                          "`if self.training:` branches): the graph was traced with eval-mode semantics, so "
+                          "train-only code outside torch.nn modules is not in the graph")
+    if inputs is None:
+        inputs, note = infer_example_inputs(gm)
+        meta.notes.append(note)
+    else:
+        propagate_shapes(gm, inputs)
+    meta.trace_seconds = time.perf_counter() - t0
+    gm.meta["graphsel_example_inputs"] = inputs
+    return gm
+
+
+def _trace_with_auto_leafing(model: nn.Module, leaf_types: list, leaf_paths: list, leafed: list[LeafRecord],
+                             concrete_args, max_auto_leaves: int, training: bool) -> tuple[nn.Module, fx.Graph]:
+    """Trace a deep copy of ``model`` (every module's flag set to ``training``), making the innermost
+    failing submodule a leaf and retrying; appends to ``leafed``. Returns (copy, graph); the copy's
+    modules get the flags of ``model`` back."""
     while True:
         work = copy.deepcopy(model)
+        work.train(training)
         tracer = GraphselTracer(leaf_types, list(leaf_paths) + [r.path for r in leafed])
         try:
             graph = tracer.trace(work, concrete_args=concrete_args)
@@ -230,22 +277,23 @@ def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequenc
                                  source_line=_user_frame(e), remedy=_remedy(e, path)) from e
             sub = work.get_submodule(path)
             leafed.append(LeafRecord(path, type(sub).__qualname__, _short(e)))
+    _copy_training_flags(model, work)
+    return work, graph
 
-    gm = fx.GraphModule(work, graph, class_name=type(model).__name__)
-    gm.training = model.training
-    meta = GraphselMeta(model_class=f"{type(model).__module__}.{type(model).__qualname__}", leafed=leafed,
-                        trained_mode=model.training)
-    gm.meta[META_KEY] = meta
-    for r in leafed:
-        meta.notes.append(f"leafed '{r.path}' ({r.cls}): {r.reason}; its channels are frozen")
-    if inputs is None:
-        inputs, note = infer_example_inputs(gm)
-        meta.notes.append(note)
-    else:
-        propagate_shapes(gm, inputs)
-    meta.trace_seconds = time.perf_counter() - t0
-    gm.meta["graphsel_example_inputs"] = inputs
-    return gm
+
+def _copy_training_flags(src: nn.Module, dst: nn.Module) -> None:
+    """Give every module of ``dst`` the training flag of the module at the same path in ``src``
+    (modules without a counterpart, e.g. GraphModule containers, take the nearest ancestor's)."""
+    flags = {name: m.training for name, m in src.named_modules()}
+    for name, m in dst.named_modules():
+        path = name
+        while path not in flags:
+            path = path.rpartition(".")[0]
+        m.training = flags[path]
+
+
+def _graph_signature(graph: fx.Graph) -> list[tuple]:
+    return [(n.op, str(n.target), str(n.args), str(n.kwargs)) for n in graph.nodes]
 
 
 def example_inputs_of(gm: fx.GraphModule) -> tuple | None:
