@@ -1,9 +1,64 @@
-"""Channel masks and the reference oracle (placeholder until the channel compiler lands)."""
+"""Channel masks and their reference semantics (the oracle).
+
+A mask says which channels do not exist. Two kinds, both stored in the graph's metadata
+(``gm.meta["graphsel"].masks``) so that passes compose:
+
+* **group masks** — a producer stops making a channel: ``add_group_mask(gm, "layer1.0.conv1", [3, 7])``.
+  Removing one output channel of a source removes its whole channel class (every position coupled
+  to it: the other operands of a residual add, the slice of a concat, a depthwise conv's channel...).
+* **consumer masks** — one consumer stops reading a channel:
+  ``add_consumer_mask(gm, "features.denselayer3.conv1", [5])`` (what selective-convolution dealloc
+  and discrimination-aware selection produce). Consumers are conv (groups = 1) and linear modules;
+  positions are their input channels / input features.
+
+**Reference semantics** (:func:`oracle_forward`): run the graph with every removed channel forced
+to zero at every position of its class, consumer-masked inputs zeroed for that consumer only, and
+ops that reduce over channels (LayerNorm / GroupNorm / softmax / mean over channels) computed on
+the kept channels only. ``FoldMasks`` and ``Materialize`` are verified against it.
+
+A mask that removes every channel of a source is an error (remove the layer instead); so is a
+mask on a frozen class (the error names the barrier that froze it).
+"""
 from __future__ import annotations
 
-import torch.fx as fx
+import difflib
+import weakref
+from dataclasses import dataclass, field
+from typing import Iterable
 
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .channels import ChannelAnalysis, TensorVal, analyze_channels
+from .context import graph_fingerprint
+from .errors import MaskError
 from .meta import graphsel_meta
+from .slicing import slice_per_channel
+
+_CONSUMER_KINDS = ("conv_in", "linear_in")
+
+
+@dataclass
+class ChannelMasks:
+    """Removed channels: ``removed[source] = {output positions}``, ``consumer[module] = {input positions}``."""
+    removed: dict[str, set[int]] = field(default_factory=dict)
+    consumer: dict[str, set[int]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return any(self.removed.values()) or any(self.consumer.values())
+
+    def count(self) -> tuple[int, int]:
+        return sum(map(len, self.removed.values())), sum(map(len, self.consumer.values()))
+
+
+def get_masks(gm: fx.GraphModule) -> ChannelMasks:
+    meta = graphsel_meta(gm)
+    if meta.masks is None:
+        meta.masks = ChannelMasks()
+    return meta.masks
 
 
 def has_masks(gm: fx.GraphModule) -> bool:
@@ -11,9 +66,272 @@ def has_masks(gm: fx.GraphModule) -> bool:
     return bool(meta is not None and meta.masks)
 
 
-def oracle_forward(gm, inputs):
-    raise NotImplementedError
+def clear_masks(gm: fx.GraphModule) -> None:
+    meta = graphsel_meta(gm)
+    meta.masks = None
 
 
-def oracle_interpreter(gm):
-    raise NotImplementedError
+def _positions(removed: Iterable[int], what: str) -> set[int]:
+    if isinstance(removed, torch.Tensor):
+        removed = removed.flatten().tolist() if removed.dtype != torch.bool else torch.nonzero(removed).flatten().tolist()
+    out = set()
+    for i in removed:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"{what}: channel positions must be integers, got {i!r}")
+        out.add(int(i))
+    return out
+
+
+def add_group_mask(gm: fx.GraphModule, source: str, removed: Iterable[int]) -> None:
+    """Record that ``source`` (module path of a conv/linear) stops producing output channels ``removed``."""
+    get_masks(gm).removed.setdefault(source, set()).update(_positions(removed, f"group mask on '{source}'"))
+
+
+def add_consumer_mask(gm: fx.GraphModule, consumer: str, removed: Iterable[int]) -> None:
+    """Record that ``consumer`` (module path of a conv/linear) stops reading input channels ``removed``."""
+    get_masks(gm).consumer.setdefault(consumer, set()).update(_positions(removed, f"consumer mask on '{consumer}'"))
+
+
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResolvedMasks:
+    """Masks mapped onto one channel analysis."""
+    analysis: ChannelAnalysis
+    removed_classes: set[int]
+    consumer_keep: dict[str, np.ndarray]       # reader node name -> bool keep per input position
+
+    def keep_of(self, v: TensorVal) -> np.ndarray:
+        """Bool keep per position of a tensor value (True where its class survives)."""
+        cls = self.analysis.class_of(v.ids)
+        if not self.removed_classes:
+            return np.ones(len(cls), dtype=bool)
+        return ~np.isin(cls, np.fromiter(self.removed_classes, dtype=np.int64))
+
+
+def _closest(name: str, names: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(names), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+_CACHE: "weakref.WeakKeyDictionary[fx.GraphModule, tuple]" = weakref.WeakKeyDictionary()
+
+
+def resolve_masks(gm: fx.GraphModule, masks: ChannelMasks | None = None,
+                  analysis: ChannelAnalysis | None = None) -> ResolvedMasks:
+    """Map masks onto channel classes, checking them (unknown modules, out-of-range positions,
+    frozen classes, sources left without channels all raise :class:`MaskError`)."""
+    masks = masks if masks is not None else (graphsel_meta(gm).masks or ChannelMasks())
+    key = (graph_fingerprint(gm), repr(sorted((k, sorted(v)) for k, v in masks.removed.items())),
+           repr(sorted((k, sorted(v)) for k, v in masks.consumer.items())))
+    hit = _CACHE.get(gm)
+    if hit is not None and hit[0] == key and (analysis is None or hit[1].analysis is analysis):
+        return hit[1]
+    res = _resolve(gm, masks, analysis)
+    _CACHE[gm] = (key, res)
+    return res
+
+
+def _resolve(gm: fx.GraphModule, masks: ChannelMasks, analysis: ChannelAnalysis | None) -> ResolvedMasks:
+    a = analysis if analysis is not None else analyze_channels(gm)
+    by_module: dict[str, list[str]] = {}
+    for node_name, path in a.source_module.items():
+        by_module.setdefault(path, []).append(node_name)
+    removed: set[int] = set()
+    for src, positions in masks.removed.items():
+        if not positions:
+            continue
+        nodes = by_module.get(src) or ([src] if src in a.sources else [])
+        if not nodes:
+            raise MaskError(f"group mask names '{src}', which produces no channels in this graph (not a conv or "
+                            f"linear module called by the graph).{_closest(src, by_module)}")
+        start, count = a.sources[nodes[0]]
+        bad = [p for p in positions if not 0 <= p < count]
+        if bad:
+            raise MaskError(f"group mask on '{src}' removes channels {sorted(bad)[:5]}, but it has {count} "
+                            f"output channels (valid: 0..{count - 1})")
+        cls = a.labels[start + np.fromiter(sorted(positions), dtype=np.int64)]
+        for p, c in zip(sorted(positions), cls.tolist()):
+            if c in a.class_frozen:
+                raise MaskError(f"cannot remove output channel {p} of '{src}': its channel group is frozen "
+                                f"({'; '.join(a.class_frozen[c])}). Exclude it from pruning.")
+        removed.update(cls.tolist())
+    consumer_keep: dict[str, np.ndarray] = {}
+    readers_by_module: dict[str, list] = {}
+    for r in a.readers:
+        if r.kind in _CONSUMER_KINDS and r.module is not None:
+            readers_by_module.setdefault(r.module, []).append(r)
+    for mod, positions in masks.consumer.items():
+        if not positions:
+            continue
+        readers = readers_by_module.get(mod)
+        if not readers:
+            raise MaskError(f"consumer mask names '{mod}', which is not a conv (groups=1) or linear module reading "
+                            f"channels in this graph.{_closest(mod, readers_by_module)}")
+        for r in readers:
+            n = len(r.ids)
+            bad = [p for p in positions if not 0 <= p < n]
+            if bad:
+                raise MaskError(f"consumer mask on '{mod}' names inputs {sorted(bad)[:5]}, but it reads {n} "
+                                f"(valid: 0..{n - 1})")
+            keep = np.ones(n, dtype=bool)
+            keep[sorted(positions)] = False
+            consumer_keep[r.node] = keep
+        mod_obj = gm.get_submodule(mod)
+        if isinstance(mod_obj, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod_obj.groups != 1:
+            raise MaskError(f"consumer mask on grouped conv '{mod}' (groups={mod_obj.groups}); consumer masks "
+                            f"apply to convs with groups=1 and linear layers")
+    _check_sources_survive(a, removed)
+    return ResolvedMasks(a, removed, consumer_keep)
+
+
+def _check_sources_survive(a: ChannelAnalysis, removed: set[int]) -> None:
+    if not removed:
+        return
+    rem = np.fromiter(removed, dtype=np.int64)
+    for node_name, (start, count) in a.sources.items():
+        if count and np.isin(a.labels[start:start + count], rem).all():
+            raise MaskError(f"the masks remove all {count} output channels of '{a.source_name(node_name)}'; keep "
+                            f"at least one channel (graphsel does not delete whole layers by masking)")
+
+
+def dead_classes(resolved: ResolvedMasks) -> set[int]:
+    """Liveness: classes that some consumer stopped reading and that no reader reads any more.
+
+    A reader reads every class at its input positions, except a consumer-masked reader, which
+    reads only its unmasked positions. Frozen classes are never dead. Classes no reader ever read
+    and no mask mentioned are left alone (removing them would change nothing)."""
+    a = resolved.analysis
+    alive: set[int] = set()
+    masked: set[int] = set()
+    for r in a.readers:
+        cls = a.class_of(r.ids)
+        keep = resolved.consumer_keep.get(r.node)
+        if keep is None:
+            alive.update(cls[cls >= 0].tolist())
+        else:
+            alive.update(cls[(cls >= 0) & keep].tolist())
+            masked.update(cls[(cls >= 0) & ~keep].tolist())
+    return {c for c in masked - alive - resolved.removed_classes if c not in a.class_frozen}
+
+
+def removal_positions(a: ChannelAnalysis, classes: set[int]) -> dict[str, set[int]]:
+    """Group masks (source -> output positions) equivalent to removing ``classes``."""
+    if not classes:
+        return {}
+    rem = np.fromiter(classes, dtype=np.int64)
+    out: dict[str, set[int]] = {}
+    for node_name, (start, count) in a.sources.items():
+        hit = np.flatnonzero(np.isin(a.labels[start:start + count], rem))
+        if len(hit):
+            out.setdefault(a.source_name(node_name), set()).update(hit.tolist())
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# oracle
+
+
+class OracleInterpreter(fx.Interpreter):
+    """Runs a graph under mask semantics (see the module docstring); keeps node outputs in ``captured``
+    when ``capture`` is set."""
+
+    def __init__(self, gm: fx.GraphModule, resolved: ResolvedMasks, capture: bool = False):
+        super().__init__(gm)
+        self.capture = capture
+        self.captured: dict[str, torch.Tensor] = {}
+        a = resolved.analysis
+        self.zero: dict[str, tuple[int, torch.Tensor]] = {}
+        self.reduce: dict[str, tuple[int, torch.Tensor]] = {}
+        self.consumer: dict[str, tuple[int, torch.Tensor]] = {}
+        if resolved.removed_classes:
+            for name, v in a.values.items():
+                for k, t in enumerate(v if isinstance(v, tuple) else (v,)):
+                    if isinstance(t, TensorVal) and t.has_channels:
+                        keep = resolved.keep_of(t)
+                        if not keep.all():
+                            self.zero[name if not isinstance(v, tuple) else f"{name}#{k}"] = (t.dim, torch.from_numpy(keep))
+            for r in a.readers:
+                if r.kind == "reduce":
+                    node = next(n for n in gm.graph.nodes if n.name == r.node)
+                    x = a.values[node.args[0].name] if node.args and isinstance(node.args[0], fx.Node) else None
+                    if isinstance(x, TensorVal) and x.has_channels:
+                        keep = resolved.keep_of(x)
+                        if not keep.all():
+                            self.reduce[r.node] = (x.dim, torch.from_numpy(np.flatnonzero(keep)))
+        for r in a.readers:
+            if r.node in resolved.consumer_keep:
+                dim = 1 if r.kind == "conv_in" else -1
+                self.consumer[r.node] = (dim, torch.from_numpy(resolved.consumer_keep[r.node]))
+
+    @staticmethod
+    def _mask(t: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Tensor:
+        shape = [1] * t.dim()
+        shape[dim] = -1
+        return torch.where(keep.to(t.device).view(shape), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+    def run_node(self, n: fx.Node):
+        if n.name in self.reduce:
+            out = self._run_on_kept(n, *self.reduce[n.name])
+        elif n.name in self.consumer:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            dim, keep = self.consumer[n.name]
+            args = (self._mask(args[0], dim, keep),) + tuple(args[1:])
+            out = getattr(self, n.op)(n.target, args, kwargs)
+        else:
+            out = super().run_node(n)
+        if n.name in self.zero and isinstance(out, torch.Tensor):
+            out = self._mask(out, *self.zero[n.name])
+        elif isinstance(out, (tuple, list)) and any(f"{n.name}#{k}" in self.zero for k in range(len(out))):
+            out = type(out)(self._mask(o, *self.zero[f"{n.name}#{k}"]) if f"{n.name}#{k}" in self.zero else o
+                            for k, o in enumerate(out))
+        if self.capture and isinstance(out, torch.Tensor):
+            self.captured[n.name] = out.detach()
+        return out
+
+    def _run_on_kept(self, n: fx.Node, dim: int, keep: torch.Tensor):
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        x = args[0]
+        c = x.shape[dim]
+        keep = keep.to(x.device)
+        xk = x.index_select(dim, keep)
+        k = len(keep)
+        if n.op == "call_module":
+            m = self.fetch_attr(n.target)
+            if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
+                              nn.modules.instancenorm._InstanceNorm, nn.PReLU)):
+                m = slice_per_channel(m, keep)
+            out = m(xk, *args[1:], **kwargs)
+        else:
+            rest = []
+            for v in args[1:]:
+                if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == c:
+                    v = v.index_select(0, keep)
+                rest.append(v)
+            if n.target is F.layer_norm:
+                rest[0] = (k,)
+            kw = {key: (v.index_select(0, keep) if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == c else v)
+                  for key, v in kwargs.items()}
+            if n.target is F.layer_norm and "normalized_shape" in kw:
+                kw["normalized_shape"] = (k,)
+            if n.op == "call_function":
+                out = n.target(xk, *rest, **kw)
+            else:
+                out = getattr(xk, n.target)(*rest, **kw)
+        if isinstance(out, torch.Tensor) and out.dim() == x.dim() and out.shape[dim] == k and k != c:
+            full_shape = list(out.shape)
+            full_shape[dim] = c
+            full = out.new_zeros(full_shape)
+            return full.index_copy(dim, keep, out)
+        return out
+
+
+def oracle_interpreter(gm: fx.GraphModule, resolved: ResolvedMasks | None = None) -> OracleInterpreter:
+    """An interpreter that captures node outputs under mask semantics."""
+    return OracleInterpreter(gm, resolved or resolve_masks(gm), capture=True)
+
+
+def oracle_forward(gm: fx.GraphModule, inputs: tuple, resolved: ResolvedMasks | None = None):
+    """The graph's output under mask semantics (no grad handling: callers decide)."""
+    return OracleInterpreter(gm, resolved or resolve_masks(gm)).run(*inputs)
