@@ -19,6 +19,7 @@ what it cannot trace.
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import time
 import traceback
@@ -27,6 +28,8 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx._symbolic_trace import PHBase
+from torch.fx.proxy import ParameterProxy
 
 from .errors import ExampleInputError, TraceError
 from .meta import GraphselMeta, LeafRecord, META_KEY, graphsel_meta
@@ -53,6 +56,18 @@ def registered_leaf_modules() -> tuple[type, ...]:
     return tuple(_REGISTERED_LEAVES)
 
 
+class _BufferProxy(ParameterProxy):
+    """Proxy of a buffer read through ``self.<name>``: like torch.fx's ``ParameterProxy``, its
+    shape, size(), dim(), ndim and numel() are the buffer's (torch.fx asserts that a
+    ``ParameterProxy`` wraps an ``nn.Parameter``, so with ``param_shapes_constant=True`` and
+    ``proxy_buffer_attributes=True`` together every module reading a buffer failed to trace)."""
+
+    def __init__(self, tracer, node: fx.Node, name: str, buffer: torch.Tensor):
+        fx.Proxy.__init__(self, node, tracer)
+        self.param = buffer
+        self.name = name
+
+
 class GraphselTracer(fx.Tracer):
     """The tracer behind :func:`trace` (see the module docstring)."""
 
@@ -64,6 +79,17 @@ class GraphselTracer(fx.Tracer):
         self.leaf_paths = set(leaf_paths)
         self._stack: list[str] = []
         self.failure_stack: list[str] | None = None
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if isinstance(attr_val, torch.Tensor) and not isinstance(attr_val, nn.Parameter):
+            for name, buf in self.root.named_buffers():
+                if attr_val is buf:
+                    if name not in parameter_proxy_cache:
+                        parameter_proxy_cache[name] = self.create_proxy(
+                            "get_attr", name, (), {},
+                            proxy_factory_fn=lambda node, n=name, b=buf: _BufferProxy(self, node, n, b))
+                    return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths:
@@ -90,6 +116,13 @@ class GraphselTracer(fx.Tracer):
             self._stack.pop()
 
 
+def _get_submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def _user_frame(exc: BaseException) -> str:
     """``file:line: code`` of the last traceback frame outside torch (the user's statement)."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -108,19 +141,35 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}"[:300]
 
 
-def _remedy(exc: BaseException, path: str) -> str:
+def _flag_arguments(model: nn.Module | None) -> str:
+    """``{'flip': False}`` for the non-tensor (defaulted) arguments of ``model.forward``."""
+    if model is None:
+        return "{'flag': value}"
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return "{'flag': value}"
+    flags = {p.name: p.default for p in params
+             if p.default is not inspect.Parameter.empty and not isinstance(p.default, torch.Tensor)}
+    return repr(flags) if flags else "{'flag': value}"
+
+
+def _remedy(exc: BaseException, path: str, model: nn.Module | None = None) -> str:
     msg = str(exc)
-    if "control flow" in msg or "cannot be used as inputs to control flow" in msg:
-        hint = ("the code branches on a traced value (a tensor, a shape, or a non-tensor argument). "
-                "Pass concrete_args={'flag': value} for flag arguments, replace `assert` by torch._assert, "
-                "or keep the module opaque")
+    if "control flow" in msg:
+        cause = ("the code branches on a traced value (a tensor, a shape, or a non-tensor argument); "
+                 f"pass concrete_args={_flag_arguments(model)} (with the values you need) for flag arguments "
+                 "or replace `assert` by torch._assert")
     elif "iterate" in msg or "len" in msg:
-        hint = "the code iterates over or takes len() of a tensor; keep the module opaque"
+        cause = "the code iterates over or takes len() of a tensor"
     else:
-        hint = "keep the failing module opaque"
-    where = f"leaf_modules=['{path}']" if path else "leaf_modules=[...] naming the failing submodule"
-    return f"{hint}: graphsel.trace(model, leaf_modules=... e.g. {where}) or a class in leaf_modules, " \
-           f"or pass concrete_args=... for non-tensor forward arguments."
+        cause = "the code cannot be traced symbolically"
+    if not path:
+        return (f"{cause}. The failing code is in the model's own forward, which cannot be made opaque: "
+                f"change it, pass graphsel.trace(model, concrete_args=...) for non-tensor forward arguments, "
+                f"or move it into a submodule and name that in leaf_modules=[...].")
+    return (f"{cause}; or keep the module opaque: graphsel.trace(model, leaf_modules=['{path}']) "
+            f"(or its class in leaf_modules).")
 
 
 def _as_tuple(example_inputs: Any) -> tuple | None:
@@ -166,7 +215,9 @@ def infer_example_inputs(gm: fx.GraphModule) -> tuple[tuple, str]:
     device = ref.device if ref is not None else torch.device("cpu")
     if isinstance(first, nn.Linear):
         x = torch.randn(1, first.in_features, dtype=dtype, device=device)
-        return (x,), f"example input inferred from the first Linear: {tuple(x.shape)}"
+        propagate_shapes(gm, (x,))
+        return (x,), (f"example input inferred from the first Linear: {tuple(x.shape)}; pass example_inputs=... "
+                      f"to choose another")
     c = first.in_channels
     spatial_dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(first)] if type(first) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else 2
     errors = []
@@ -231,6 +282,7 @@ def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequenc
             train_differs = _graph_signature(train_graph) != _graph_signature(graph)
         except Exception:  # noqa: BLE001 - informative only
             train_differs = True
+    _concrete_values_as_defaults(graph, concrete_args)
     gm = fx.GraphModule(work, graph, class_name=type(model).__name__)
     _copy_training_flags(model, gm)
     meta = GraphselMeta(model_class=f"{type(model).__module__}.{type(model).__qualname__}", leafed=leafed,
@@ -270,11 +322,12 @@ def _trace_with_auto_leafing(model: nn.Module, leaf_types: list, leaf_paths: lis
                 raise TraceError(
                     f"cannot trace {type(model).__name__}: {_short(e)} (the failure is in the model's own "
                     f"forward, which cannot be made a leaf)", module_path="",
-                    source_line=_user_frame(e), remedy=_remedy(e, "")) from e
+                    source_line=_user_frame(e), remedy=_remedy(e, "", model)) from e
             path = stack[-1]
             if path in leaf_paths or any(r.path == path for r in leafed) or len(leafed) >= max_auto_leaves:
                 raise TraceError(f"cannot trace {type(model).__name__}: {_short(e)}", module_path=path,
-                                 source_line=_user_frame(e), remedy=_remedy(e, path)) from e
+                                 source_line=_user_frame(e),
+                                 remedy=_remedy(e, path, _get_submodule(model, path))) from e
             sub = work.get_submodule(path)
             leafed.append(LeafRecord(path, type(sub).__qualname__, _short(e)))
     _copy_training_flags(model, work)
@@ -290,6 +343,19 @@ def _copy_training_flags(src: nn.Module, dst: nn.Module) -> None:
         while path not in flags:
             path = path.rpartition(".")[0]
         m.training = flags[path]
+
+
+def _concrete_values_as_defaults(graph: fx.Graph, concrete_args: dict[str, Any] | None) -> None:
+    """torch.fx keeps a placeholder ``<name>_1`` for each scalar concrete argument, with the
+    signature's default, guarded by ``torch._assert(<name>_1 == value)``: calling the module with
+    tensors only then fails the guard whenever the value is not the default. Make the concrete
+    value the default, so the traced module runs on its tensor inputs alone (as graphsel does)."""
+    for name, value in (concrete_args or {}).items():
+        if isinstance(value, (PHBase, list, tuple, dict, torch.Tensor)):
+            continue
+        for n in graph.find_nodes(op="placeholder"):
+            if n.target == f"{name}_1":
+                n.args = (value,)
 
 
 def _graph_signature(graph: fx.Graph) -> list[tuple]:

@@ -1153,7 +1153,8 @@ def conv_nets_with_bn_relu_conv(draw, **kw) -> Architecture:
 # --------------------------------------------------------------------------------------------
 def max_abs_difference(a: nn.Module, b: nn.Module, inputs: tuple) -> tuple[float, float]:
     """(max |a(x) - b(x)|, max |a(x)|) over the (tensor) outputs, computed in eval mode without grad.
-    Both modules are returned in the training mode they had."""
+    Both modules are returned in the training mode they had. ``inputs``: a tensor or a tuple."""
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     flags = [(m, m.training) for mod in (a, b) for m in mod.modules()]
     try:
         a.eval(), b.eval()
