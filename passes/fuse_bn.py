@@ -4,8 +4,8 @@ Contract: exact in eval mode (BatchNorm is folded with its running statistics).
 Matches ``Conv{1,2,3}d → BatchNorm{1,2,3}d`` and ``Linear → BatchNorm1d`` where the producer's
 output feeds only the BatchNorm and the producer module is called once. Skipped, with a
 diagnostic: a BatchNorm whose input has other users, whose producer is not a conv/linear (after a
-ReLU, a concat, an input), whose producer is called at several places, or that keeps no running
-statistics. Removes the BatchNorm nodes and their modules.
+ReLU, a concat, an input), whose producer is called at several places, that keeps no running
+statistics, or whose class overrides BatchNorm's forward (timm's BatchNormAct2d). Removes the BatchNorm nodes and their modules.
 """
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ _CONV_FOR_BN = {nn.BatchNorm1d: (nn.Conv1d, nn.Linear), nn.BatchNorm2d: (nn.Conv
 
 def _producer_ok(match) -> bool | str:
     prod, bn = match.modules()
+    if type(bn).forward is not nn.modules.batchnorm._BatchNorm.forward:
+        return (f"{type(bn).__name__} overrides BatchNorm's forward (e.g. timm's BatchNormAct2d adds an "
+                f"activation); folding it would drop that")
     for bn_cls, prods in _CONV_FOR_BN.items():
         if isinstance(bn, bn_cls):
             if isinstance(prod, prods):
