@@ -1178,3 +1178,27 @@ def assert_same_function(a: nn.Module, b: nn.Module, inputs: tuple, rtol: float 
     """Assert ``b`` computes what ``a`` computes on ``inputs`` (eval mode): error ≤ atol + rtol·max|a(x)|."""
     diff, scale = max_abs_difference(a, b, inputs)
     assert diff <= atol + rtol * scale, f"outputs differ: max abs error {diff:.3g} (output scale {scale:.3g})"
+
+
+def model_snapshot(model: nn.Module) -> dict:
+    """Everything graphsel must not change in a user's model: tensor values and identities,
+    training flags, hooks, submodule identities and instance attributes."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "ids": {k: id(v) for k, v in model.state_dict(keep_vars=True).items()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "hooks": {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+                  for n, m in model.named_modules()},
+        "modules": {n: id(m) for n, m in model.named_modules()},
+        "dicts": {n: sorted(vars(m)) for n, m in model.named_modules()},
+    }
+
+
+def assert_model_unchanged(model: nn.Module, snapshot: dict) -> None:
+    """Assert ``model`` still matches :func:`model_snapshot` taken earlier."""
+    now = model_snapshot(model)
+    for key in ("ids", "training", "hooks", "modules", "dicts"):
+        assert now[key] == snapshot[key], f"the model's {key} changed"
+    assert now["state"].keys() == snapshot["state"].keys()
+    for k, v in snapshot["state"].items():
+        assert torch.equal(now["state"][k], v), f"the model's {k} changed"

@@ -12,29 +12,7 @@ import torch.nn.functional as F
 
 import graphsel
 from graphsel import TraceError, graphsel_meta
-from strategies import assert_same_function
-
-
-def _snapshot(model: nn.Module) -> dict:
-    """Everything tracing must not change: tensors (values and identity), flags, hooks, attributes."""
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "ids": {k: id(v) for k, v in model.state_dict(keep_vars=True).items()},
-        "training": {n: m.training for n, m in model.named_modules()},
-        "hooks": {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-                  for n, m in model.named_modules()},
-        "modules": {n: id(m) for n, m in model.named_modules()},
-        "dicts": {n: sorted(vars(m)) for n, m in model.named_modules()},
-    }
-
-
-def _assert_untouched(model: nn.Module, snap: dict) -> None:
-    now = _snapshot(model)
-    for key in ("ids", "training", "hooks", "modules", "dicts"):
-        assert now[key] == snap[key], f"tracing changed the model's {key}"
-    assert now["state"].keys() == snap["state"].keys()
-    for k, v in snap["state"].items():
-        assert torch.equal(now["state"][k], v), f"tracing changed {k}"
+from strategies import assert_model_unchanged, assert_same_function, model_snapshot
 
 
 class SmallNet(nn.Module):
@@ -73,9 +51,9 @@ def test_trace_never_touches_the_users_model():
     model.fc.register_forward_pre_hook(lambda m, i: calls.append("pre"))
     with torch.no_grad():
         model.bn1.running_mean.uniform_(-1, 1)
-    snap = _snapshot(model)
+    snap = model_snapshot(model)
     gm = graphsel.trace(model, torch.randn(2, 3, 8, 8))
-    _assert_untouched(model, snap)
+    assert_model_unchanged(model, snap)
     # Returned in the user's (mixed) modes, module by module.
     for name, m in model.named_modules():
         if name:
