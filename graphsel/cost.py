@@ -917,7 +917,7 @@ def _check_shapes(gm: fx.GraphModule) -> None:
 def graph_cost(gm: fx.GraphModule) -> CostReport:
     """Cost of a shape-annotated GraphModule (see the module docstring)."""
     if not isinstance(gm, fx.GraphModule):
-        raise CostError(f"graph_cost expects a torch.fx.GraphModule with shapes, got {type(gm).__name__}; "
+        raise TypeError(f"graph_cost expects a torch.fx.GraphModule with shapes, got {type(gm).__name__}; "
                         f"use graphsel.cost(model, example_inputs) for a plain module.")
     _check_shapes(gm)
     nodes = list(gm.graph.nodes)
@@ -1155,18 +1155,24 @@ def cost(model_or_gm: nn.Module, example_inputs: Any = None) -> CostReport:
     from .tracing import _as_tuple, trace
 
     if not isinstance(model_or_gm, nn.Module):
-        raise CostError(f"graphsel.cost expects a torch.nn.Module or a GraphModule, got {type(model_or_gm).__name__}")
+        raise TypeError(f"graphsel.cost expects a torch.nn.Module or a GraphModule, got {type(model_or_gm).__name__}")
     if isinstance(model_or_gm, fx.GraphModule):
         if example_inputs is not None:
             propagate_shapes(model_or_gm, _as_tuple(example_inputs))
         return graph_cost(model_or_gm)
-    gm = trace(model_or_gm, example_inputs)
+    model = model_or_gm
+    arity = len(_as_tuple(example_inputs) or (None,))
+    if _is_torch_leaf(model) and arity <= 3:
+        # a bare torch.nn layer: its own forward may branch on arguments (ConvTranspose2d's
+        # output_size); wrapped, it is one call_module node like anywhere else
+        model = (_LayerAsModel, _LayerAsModel2, _LayerAsModel3)[arity - 1](model)
+    gm = trace(model, example_inputs)
     report = graph_cost(gm)
     # parameters of the user's model that the graph does not use (e.g. aux heads skipped in eval)
     in_graph = {name for name, _ in gm.named_parameters()}
     seen: set[int] = set()
     extra = 0
-    for name, p in model_or_gm.named_parameters(remove_duplicate=False):
+    for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             continue
         seen.add(id(p))
@@ -1175,6 +1181,33 @@ def cost(model_or_gm: nn.Module, example_inputs: Any = None) -> CostReport:
     report.params += extra
     report.unused_params += extra
     return report
+
+
+class _LayerAsModel(nn.Module):
+    """One torch.nn layer as a model (torch.fx cannot trace ``*args``: one class per arity)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class _LayerAsModel2(_LayerAsModel):
+    def forward(self, x, y):
+        return self.layer(x, y)
+
+
+class _LayerAsModel3(_LayerAsModel):
+    def forward(self, x, y, z):
+        return self.layer(x, y, z)
+
+
+def _is_torch_leaf(m: nn.Module) -> bool:
+    """A torch.nn layer that torch.fx keeps as a leaf (containers are traced through)."""
+    return (type(m).__module__.startswith(("torch.nn", "torch.ao.nn"))
+            and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)))
 
 
 @contextlib.contextmanager
