@@ -58,7 +58,7 @@ def _rule(rule: PathRule, what: str) -> Callable[[str, nn.Module], bool] | None:
         return None
     if callable(rule):
         return lambda path, conv: bool(rule(path, conv))
-    patterns = [rule] if isinstance(rule, str) else list(rule)
+    patterns = [rule] if isinstance(rule, str) else list(rule) if isinstance(rule, Iterable) else [rule]
     if not all(isinstance(p, str) for p in patterns):
         raise TypeError(f"{what} must be a module path, an fnmatch pattern, a list of them, or a "
                         f"predicate fn(path, conv) -> bool; got {rule!r}")

@@ -25,6 +25,7 @@ traced graph, so that the static lowering can put the BN and the conv back where
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphsel import register_leaf_module
+from graphsel.cost import register_module_cost
 
 from .shift import bilinear_shift
 
@@ -186,3 +188,19 @@ def _resync_after_load(module: SelectiveConv2d, incompatible_keys) -> None:
 def selective_modules(model: nn.Module) -> list[tuple[str, SelectiveConv2d]]:
     """``(path, module)`` for every :class:`SelectiveConv2d` in ``model`` (itself included)."""
     return [(p, m) for p, m in model.named_modules() if isinstance(m, SelectiveConv2d)]
+
+
+def _cost(m: SelectiveConv2d, input_shapes: list, output_shape: tuple) -> dict:
+    """Cost of the training-time module: the conv over every slot (closed slots are computed and
+    multiplied by zero), BN + ReLU + gate per input element, 4 taps per copied pixel; ``open_macs``
+    is what an export keeps."""
+    out = math.prod(output_shape)
+    per_slot = out * math.prod(m.conv.kernel_size)
+    c = m.in_channels
+    n_in = math.prod(input_shapes[0]) if input_shapes else 0
+    copies = len(m.replica_slots())
+    other = 4 * n_in + (8 * n_in * copies // c if c else 0) + (out if m.conv.bias is not None else 0)
+    return {"macs": per_slot * c, "other_flops": other, "open_macs": per_slot * int((m.is_open > 0).sum())}
+
+
+register_module_cost(SelectiveConv2d, _cost, category="conv")
