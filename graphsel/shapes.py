@@ -32,6 +32,7 @@ class _TrackingShapeProp(ShapeProp):
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Fill ``node.meta["tensor_meta"]`` (eval mode, no grad; the module's mode is restored)."""
+    _check_input_count(gm, example_inputs)
     was_training = [m.training for m in gm.modules()]
     gm.eval()
     prop = _TrackingShapeProp(gm)
@@ -39,19 +40,39 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
         with torch.no_grad():
             prop.propagate(*example_inputs)
     except Exception as e:  # noqa: BLE001 - re-raised with context
+        cause = e
+        while cause.__cause__ is not None and str(cause).startswith("ShapeProp error"):
+            cause = cause.__cause__  # ShapeProp wraps the real error
         n = prop.current
         where = f" at node '{n.name}' ({node_source(n)})" if n is not None else ""
         shapes = ", ".join(str(InputSpec.of(t)) if isinstance(t, torch.Tensor) else type(t).__name__
                            for t in example_inputs)
         raise ExampleInputError(
             f"the example inputs ({shapes}) do not fit the model: running it failed{where}: "
-            f"{type(e).__name__}: {_first_line(e)}. Pass example_inputs with the shape, dtype and "
+            f"{type(cause).__name__}: {_first_line(cause)}. Pass example_inputs with the shape, dtype and "
             f"device the model expects (one tensor per forward argument).") from e
     finally:
         for m, t in zip(gm.modules(), was_training):
             m.training = t
     meta = graphsel_meta(gm)
     meta.inputs = [InputSpec.of(t) for t in example_inputs if isinstance(t, torch.Tensor)]
+
+
+def _check_input_count(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """torch.fx's interpreter silently ignores extra inputs; say so instead."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [n for n in placeholders if not n.args]
+    if not required and not placeholders:
+        return
+    if any(str(n.target).startswith("*") for n in placeholders):
+        return
+    if not len(required) <= len(example_inputs) <= len(placeholders):
+        names = ", ".join(str(n.target) for n in placeholders)
+        want = (f"{len(required)}" if len(required) == len(placeholders)
+                else f"{len(required)} to {len(placeholders)}")
+        raise ExampleInputError(
+            f"the model's forward takes {want} input{'' if want == '1' else 's'} ({names}) but {len(example_inputs)} example inputs were "
+            f"given; pass one tensor per forward argument (non-tensor arguments go in concrete_args=...).")
 
 
 def _first_line(e: BaseException) -> str:

@@ -156,12 +156,12 @@ def _flag_arguments(model: nn.Module | None) -> str:
 
 def _remedy(exc: BaseException, path: str, model: nn.Module | None = None) -> str:
     msg = str(exc)
-    if "control flow" in msg:
+    if "iterate" in msg or "'len' is not supported" in msg:
+        cause = "the code iterates over or takes len() of a tensor"
+    elif "control flow" in msg:
         cause = ("the code branches on a traced value (a tensor, a shape, or a non-tensor argument); "
                  f"pass concrete_args={_flag_arguments(model)} (with the values you need) for flag arguments "
                  "or replace `assert` by torch._assert")
-    elif "iterate" in msg or "len" in msg:
-        cause = "the code iterates over or takes len() of a tensor"
     else:
         cause = "the code cannot be traced symbolically"
     if not path:
