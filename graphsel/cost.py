@@ -316,16 +316,18 @@ def _outputs(node: fx.Node) -> list[TensorArg]:
     return [TensorArg(tuple(int(d) for d in m.shape), m.dtype) for m in _tensor_metas(node.meta.get("tensor_meta"))]
 
 
-def _substitute(v: Any) -> Any:
+def _substitute(v: Any, outs_of: Mapping[fx.Node, list[TensorArg]]) -> Any:
+    """``v`` with graph nodes replaced by their TensorArg(s), or UNKNOWN for non-tensor values."""
     if isinstance(v, fx.Node):
-        outs = _outputs(v)
+        outs = outs_of[v] if v in outs_of else _outputs(v)
         if len(outs) == 1 and _is_single_tensor(v):
             return outs[0]
         return UNKNOWN if not outs else tuple(outs)
     if isinstance(v, (list, tuple)):
-        return type(v)(_substitute(x) for x in v) if not hasattr(v, "_fields") else tuple(_substitute(x) for x in v)
+        items = [_substitute(x, outs_of) for x in v]
+        return tuple(items) if isinstance(v, tuple) else items
     if isinstance(v, dict):
-        return {k: _substitute(x) for k, x in v.items()}
+        return {k: _substitute(x, outs_of) for k, x in v.items()}
     return v
 
 
@@ -410,7 +412,7 @@ def _ntuple(v: Any, n: int) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, (list, tuple)) else (int(v),) * n
 
 
-def _spatial_dims(m: nn.Module, out_shape: tuple, default: int = 2) -> int:
+def _spatial_dims(m: nn.Module, default: int = 2) -> int:
     name = type(m).__name__
     for d in (1, 2, 3):
         if f"{d}d" in name:
@@ -569,6 +571,7 @@ def _encoder_layer_cost(m: nn.TransformerEncoderLayer, shape: tuple) -> tuple[in
     ff_dim = m.linear1.out_features
     e = m.linear1.in_features
     macs = sa["macs"] + 2 * n * l * e * ff_dim
+    # biases of the two linears, the activation, two LayerNorms, two residual adds
     other = sa["other_flops"] + n * l * (ff_dim + e) + n * l * ff_dim + 2 * (5 * n * l * e) + 2 * n * l * e
     return macs, other
 
@@ -624,8 +627,10 @@ def _transformer_module(m: nn.Transformer, ins, out):
 # -- element-wise, norms, pooling ------------------------------------------------------------------
 
 def _per_output_element(factor: int):
+    """``factor`` other FLOPs per output element; usable as a module rule (module, input_shapes,
+    output_shape) and as a function rule (call)."""
     def rule(*a):
-        out = a[-1] if len(a) == 3 else (a[0].out.shape if a[0].out is not None else None)
+        out = a[2] if len(a) == 3 else (a[0].out.shape if a[0].out is not None else None)
         return {"other_flops": factor * math.prod(out)} if out is not None else {}
     return rule
 
@@ -645,7 +650,7 @@ def _free(*a):
 
 
 def _pool_module(m, ins, out):
-    nd = _spatial_dims(m, out)
+    nd = _spatial_dims(m)
     k = _ntuple(m.kernel_size, nd)
     return {"other_flops": math.prod(out) * math.prod(k)}
 
@@ -873,9 +878,9 @@ def _module_path_of(node: fx.Node) -> str:
     return ""
 
 
-def _is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
+def _is_inplace(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
     if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+        return bool(getattr(modules[node.target], "inplace", False))
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     if name in _INPLACE_NAMES:
         return True
@@ -927,6 +932,8 @@ def graph_cost(gm: fx.GraphModule) -> CostReport:
     category_of: dict[fx.Node, str] = {}
     row_of: dict[fx.Node, NodeCost] = {}
     params_by_attr: dict[str, nn.Parameter] = {}
+    modules = dict(gm.named_modules())
+    outs_of = {n: _outputs(n) for n in nodes}
 
     def attr_param(node: fx.Node):
         if node.op != "get_attr":
@@ -950,14 +957,14 @@ def graph_cost(gm: fx.GraphModule) -> CostReport:
     for node in nodes:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
-        outs = _outputs(node)
+        outs = outs_of[node]
         out_shape = outs[0].shape if outs else None
         row = NodeCost(node=node.name, kind="", target=_node_target_name(node), output_shape=out_shape,
                        module_path=_module_path_of(node))
         new_params = [p for a in node.all_input_nodes if (p := attr_param(a)) is not None]
         result, category = None, "unknown"
         if node.op == "call_module":
-            m = gm.get_submodule(node.target)
+            m = modules[node.target]
             row.kind = type(m).__name__
             new_params = list(m.parameters()) + new_params
             found = _module_rule(m)
@@ -967,10 +974,10 @@ def graph_cost(gm: fx.GraphModule) -> CostReport:
                                            f"register one with graphsel.cost.register_module_cost"))
             else:
                 rule, category = found
-                in_shapes = [t.shape for t in OpCall(node, _substitute(node.args), _substitute(node.kwargs),
-                                                     outs).tensors()]
+                in_shapes = [t.shape for t in OpCall(node, _substitute(node.args, outs_of),
+                                                     _substitute(node.kwargs, outs_of), outs).tensors()]
                 result = rule(m, in_shapes, out_shape) if out_shape is not None or category == "module" \
-                    else None
+                    else {}  # no tensor output: nothing to cost
         else:
             row.kind = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
             found = _function_rule(node)
@@ -984,10 +991,14 @@ def graph_cost(gm: fx.GraphModule) -> CostReport:
             else:
                 rule, category = found
                 if outs or category == "module":
-                    call = OpCall(node, _substitute(node.args), _substitute(node.kwargs), outs)
+                    call = OpCall(node, _substitute(node.args, outs_of), _substitute(node.kwargs, outs_of), outs)
                     result = rule(call)
                 else:
                     category = "scalar"
+        if result is None and category not in ("unknown", "scalar"):
+            unknown.append(UnknownCost(node.name, row.target, f"the {category} rule for '{row.target}' could not "
+                                                              f"read the node's arguments (non-constant or missing)"))
+            category = "unknown"
         macs, other, extra = _normalise(result)
         row.macs, row.other_flops, row.extra = macs, other, extra
         row.category = category
@@ -1001,10 +1012,13 @@ def graph_cost(gm: fx.GraphModule) -> CostReport:
     total_params = sum(all_params.values())
     used = sum(n for i, n in all_params.items() if i in seen_params)
 
-    _activation_memory(gm, nodes, category_of, row_of)
-    peak = _peak_memory(gm, nodes, category_of)
+    allocates = {n: _allocates(n, modules, category_of) for n in nodes}
+    for node, row in row_of.items():
+        if allocates[node]:
+            row.activation_bytes = sum(o.nbytes for o in outs_of[node])
+    peak = _peak_memory(nodes, allocates, outs_of)
     depth, dag = _layer_dag(nodes, row_of)
-    input_shapes = [tuple(o.shape) for n in nodes if n.op == "placeholder" for o in _outputs(n)]
+    input_shapes = [tuple(o.shape) for n in nodes if n.op == "placeholder" for o in outs_of[n]]
     return CostReport(params=total_params, macs=sum(r.macs for r in rows),
                       activation_bytes=sum(r.activation_bytes for r in rows), rows=rows,
                       other_flops=sum(r.other_flops for r in rows), peak_activation_bytes=peak,
@@ -1014,7 +1028,8 @@ def graph_cost(gm: fx.GraphModule) -> CostReport:
 
 # -- memory ------------------------------------------------------------------------------------------
 
-def _allocates(node: fx.Node, gm: fx.GraphModule, category_of: dict) -> bool:
+def _allocates(node: fx.Node, modules: Mapping[str, nn.Module], category_of: dict) -> bool:
+    """Whether the node's output is new memory (not a view, not an in-place update, not a scalar)."""
     if node.op == "placeholder":
         return True
     if node.op not in ("call_module", "call_function", "call_method"):
@@ -1026,25 +1041,19 @@ def _allocates(node: fx.Node, gm: fx.GraphModule, category_of: dict) -> bool:
         return _is_single_tensor(node.args[0]) and any(
             isinstance(a, fx.Node) and _is_single_tensor(a) for a in fx.node.map_arg(node.args[1:], lambda x: x)
             for a in ([a] if not isinstance(a, (list, tuple)) else a))
-    return not _is_inplace(node, gm)
+    return not _is_inplace(node, modules)
 
 
-def _activation_memory(gm, nodes, category_of, row_of) -> None:
-    for node in nodes:
-        row = row_of.get(node)
-        if row is not None and _allocates(node, gm, category_of):
-            row.activation_bytes = sum(o.nbytes for o in _outputs(node))
-
-
-def _peak_memory(gm: fx.GraphModule, nodes: list[fx.Node], category_of: dict) -> int:
+def _peak_memory(nodes: list[fx.Node], allocates: Mapping[fx.Node, bool],
+                 outs_of: Mapping[fx.Node, list[TensorArg]]) -> int:
     """Largest total of live activations (inputs included, parameters excluded) in node order."""
     index = {n: i for i, n in enumerate(nodes)}
     root: dict[fx.Node, fx.Node | None] = {}
     size: dict[fx.Node, int] = {}
     for n in nodes:
-        if _allocates(n, gm, category_of):
+        if allocates[n]:
             root[n] = n
-            size[n] = sum(o.nbytes for o in _outputs(n))
+            size[n] = sum(o.nbytes for o in outs_of[n])
         else:
             src = next((a for a in n.all_input_nodes if root.get(a) is not None), None)
             root[n] = root[src] if src is not None else None
@@ -1074,6 +1083,7 @@ def _peak_memory(gm: fx.GraphModule, nodes: list[fx.Node], category_of: dict) ->
 
 def _layer_dag(nodes: list[fx.Node], row_of: dict) -> tuple[int, dict[str, tuple[str, ...]]]:
     """Longest path in layers (nodes with MACs) and each layer's nearest layer predecessors."""
+    index = {n: i for i, n in enumerate(nodes)}
     depth: dict[fx.Node, int] = {}
     nearest: dict[fx.Node, frozenset] = {}
     dag: dict[str, tuple[str, ...]] = {}
@@ -1091,7 +1101,7 @@ def _layer_dag(nodes: list[fx.Node], row_of: dict) -> tuple[int, dict[str, tuple
             else:
                 preds |= nearest.get(a, frozenset())
         if is_layer:
-            dag[n.name] = tuple(p.name for p in nodes if p in preds) if len(preds) > 1 else tuple(p.name for p in preds)
+            dag[n.name] = tuple(p.name for p in sorted(preds, key=index.__getitem__))
             nearest[n] = frozenset()
         else:
             nearest[n] = frozenset(preds)

@@ -325,6 +325,42 @@ def test_bad_rule_result_is_a_clear_error(private_rules):
         graph_cost(gm)
 
 
+def scaled_copy(x, k: int):
+    return x * k
+
+
+torch.fx.wrap("scaled_copy")
+
+
+class UsesWrapped(nn.Module):
+    def forward(self, x):
+        return scaled_copy(x, 3)
+
+
+@pytest.fixture
+def private_function_rules(monkeypatch):
+    monkeypatch.setattr(cost_mod, "_FUNCTION_RULES", dict(cost_mod._FUNCTION_RULES))
+
+
+def test_register_function_cost_for_wrapped_function(private_function_rules):
+    x = torch.randn(2, 5)
+    report = cost(UsesWrapped(), x)
+    assert [u.node for u in report.unknown] == ["scaled_copy"] and report.macs == 0
+
+    cost_mod.register_function_cost(scaled_copy, lambda call: {"macs": call.out.numel * call.arg(1, "k"),
+                                                                "calls": 1})
+    report = cost(UsesWrapped(), x)
+    assert report.macs == x.numel() * 3 and not report.unknown
+    assert report.rows[0].extra == {"calls": 1}
+
+    cost_mod.register_function_cost(scaled_copy, lambda call: None)   # a rule that gives up
+    report = cost(UsesWrapped(), x)
+    assert [u.node for u in report.unknown] == ["scaled_copy"]
+    assert "could not read" in report.unknown[0].reason
+    with pytest.raises(TypeError):
+        cost_mod.register_function_cost(scaled_copy, "not callable")
+
+
 def test_register_module_cost_bad_arguments():
     with pytest.raises(TypeError, match="nn.Module subclass"):
         register_module_cost(int, lambda *a: 0)
