@@ -762,7 +762,7 @@ _NORM_FUNCTIONS = {"batch_norm": 2, "layer_norm": 5, "group_norm": 5, "instance_
                    "normalize": 3, "local_response_norm": 5}
 
 # function namespaces searched for the names above (call_function targets are these objects)
-_NAMESPACES = (torch, F, operator, torch.special, torch.linalg, torch.nn.init)
+_NAMESPACES = (torch, F, operator, torch.special, torch.linalg)
 
 _INPLACE_NAMES = {n for n in _ACTIVATION_NAMES + _ELEMENTWISE_NAMES + _MEMORY_NAMES
                   if n.endswith("_") and not n.startswith("_")} | {"iadd", "isub", "imul", "itruediv"}
@@ -919,6 +919,49 @@ def _check_shapes(gm: fx.GraphModule) -> None:
             f"or pass example_inputs to graphsel.cost.")
 
 
+def _cost_node(node: fx.Node, modules: Mapping[str, nn.Module],
+               outs_of: Mapping[fx.Node, list[TensorArg]]) -> tuple[NodeCost, UnknownCost | None]:
+    """The row of one call node (parameters filled in by the caller) and, when it has no usable
+    rule, the entry for ``CostReport.unknown``."""
+    outs = outs_of[node]
+    out_shape = outs[0].shape if outs else None
+    row = NodeCost(node=node.name, kind="", target=_node_target_name(node), output_shape=out_shape,
+                   module_path=_module_path_of(node))
+    result, category, problem = None, "unknown", None
+    if node.op == "call_module":
+        m = modules[node.target]
+        row.kind = type(m).__name__
+        found = _module_rule(m)
+        if found is None:
+            problem = UnknownCost(node.name, f"{type(m).__module__}.{type(m).__qualname__}",
+                                  f"leaf module '{node.target}' ({type(m).__qualname__}) has no cost rule; "
+                                  f"register one with graphsel.cost.register_module_cost")
+        else:
+            rule, category = found
+            call = OpCall(node, _substitute(node.args, outs_of), _substitute(node.kwargs, outs_of), outs)
+            in_shapes = [t.shape for t in call.tensors()]
+            # a module without a tensor output has nothing to cost (registered rules still run)
+            result = rule(m, in_shapes, out_shape) if out_shape is not None or category == "module" else {}
+    else:
+        row.kind = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+        found = _function_rule(node)
+        if not outs and (found is None or found[1] != "module"):
+            category = "scalar"  # shape arithmetic, asserts: no tensor, no cost
+        elif found is None:
+            problem = UnknownCost(node.name, row.target, f"{node.op} '{row.target}' has no cost rule; register "
+                                                         f"one with graphsel.cost.register_function_cost")
+        else:
+            rule, category = found
+            result = rule(OpCall(node, _substitute(node.args, outs_of), _substitute(node.kwargs, outs_of), outs))
+    if result is None and category not in ("unknown", "scalar"):
+        problem = UnknownCost(node.name, row.target, f"the {category} rule for '{row.target}' could not read the "
+                                                     f"node's arguments (non-constant or missing)")
+        category = "unknown"
+    row.macs, row.other_flops, row.extra = _normalise(result)
+    row.category = category
+    return row, problem
+
+
 def graph_cost(gm: fx.GraphModule) -> CostReport:
     """Cost of a shape-annotated GraphModule (see the module docstring)."""
     if not isinstance(gm, fx.GraphModule):
@@ -957,53 +1000,14 @@ def graph_cost(gm: fx.GraphModule) -> CostReport:
     for node in nodes:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
-        outs = outs_of[node]
-        out_shape = outs[0].shape if outs else None
-        row = NodeCost(node=node.name, kind="", target=_node_target_name(node), output_shape=out_shape,
-                       module_path=_module_path_of(node))
+        row, problem = _cost_node(node, modules, outs_of)
+        if problem is not None:
+            unknown.append(problem)
         new_params = [p for a in node.all_input_nodes if (p := attr_param(a)) is not None]
-        result, category = None, "unknown"
         if node.op == "call_module":
-            m = modules[node.target]
-            row.kind = type(m).__name__
-            new_params = list(m.parameters()) + new_params
-            found = _module_rule(m)
-            if found is None:
-                unknown.append(UnknownCost(node.name, f"{type(m).__module__}.{type(m).__qualname__}",
-                                           f"leaf module '{node.target}' ({type(m).__qualname__}) has no cost rule; "
-                                           f"register one with graphsel.cost.register_module_cost"))
-            else:
-                rule, category = found
-                in_shapes = [t.shape for t in OpCall(node, _substitute(node.args, outs_of),
-                                                     _substitute(node.kwargs, outs_of), outs).tensors()]
-                result = rule(m, in_shapes, out_shape) if out_shape is not None or category == "module" \
-                    else {}  # no tensor output: nothing to cost
-        else:
-            row.kind = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
-            found = _function_rule(node)
-            if found is None:
-                if outs:
-                    unknown.append(UnknownCost(node.name, row.target,
-                                               f"{node.op} '{row.target}' has no cost rule; register one with "
-                                               f"graphsel.cost.register_function_cost"))
-                else:
-                    category = "scalar"
-            else:
-                rule, category = found
-                if outs or category == "module":
-                    call = OpCall(node, _substitute(node.args, outs_of), _substitute(node.kwargs, outs_of), outs)
-                    result = rule(call)
-                else:
-                    category = "scalar"
-        if result is None and category not in ("unknown", "scalar"):
-            unknown.append(UnknownCost(node.name, row.target, f"the {category} rule for '{row.target}' could not "
-                                                              f"read the node's arguments (non-constant or missing)"))
-            category = "unknown"
-        macs, other, extra = _normalise(result)
-        row.macs, row.other_flops, row.extra = macs, other, extra
-        row.category = category
+            new_params = list(modules[node.target].parameters()) + new_params
         row.params = count_new(new_params)
-        category_of[node] = category
+        category_of[node] = row.category
         row_of[node] = row
         rows.append(row)
 
