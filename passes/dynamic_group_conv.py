@@ -69,6 +69,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphsel import Contract, Diagnostic, Pass, PassResult, Pattern, register_leaf_module, register_pass
+from graphsel.cost import register_module_cost
 from graphsel.errors import PassError
 from graphsel.graph_utils import call_count, delete_unused_modules, replace_module
 from graphsel.meta import graphsel_meta
@@ -78,7 +79,7 @@ __all__ = [
     "DynamicGroupConv2d", "SaliencyGenerator", "ApplyDynamicGroupConv", "squeeze_width", "schedule_k",
     "schedule_ratio", "set_progress", "dgc_modules", "SaliencyLibrary", "calibrate_global_threshold",
     "use_global_threshold", "saliency_lasso", "angle_enlargement", "lasso_of", "angle_of", "pruning_rates",
-    "dgc_macs", "dgc_cost_rows", "dgc_cost_table",
+    "dgc_macs", "dgc_layer_cost", "dgc_cost_rows", "dgc_cost_table",
 ]
 
 WARMUP_END = 1.0 / 12.0       # progress ≤ 1/12: no pruning
@@ -832,24 +833,39 @@ def _kept_fractions(m: DynamicGroupConv2d) -> list[float]:
     return [(m.in_channels - int(m.k)) / m.in_channels] * m.heads
 
 
-def dgc_macs(module: DynamicGroupConv2d, input_shapes: list[tuple[int, ...]], output_shape: tuple[int, ...]) -> dict:
-    """MACs of a DGC layer (the cost function registered with graphsel.cost).
+def dgc_layer_cost(module: DynamicGroupConv2d, input_shapes: list[tuple[int, ...]],
+                   output_shape: tuple[int, ...]) -> dict:
+    """Cost of a DGC layer, in detail.
 
-    ``macs``: head convolutions × kept fraction (k, or the calibrated per-head fractions under a
-    global threshold) + saliency generators (N·H·2·C_in·d); ``dense_macs``: the dense conv it
-    replaced. Also ``conv_macs``, ``saliency_macs``, ``gating_macs`` (the authors' elementwise
-    gating products N·H·C_in·H_in·W_in, not included in ``macs``) and ``kept_fraction``.
+    ``macs``: head convolutions × kept fraction (1 − k/C_in per head, or the per-head fractions
+    measured at the last global calibration) + the saliency generators (N·H·2·C_in·d).
+    ``dense_macs``: the dense convolution it replaced. ``other_flops``: BatchNorm (2 per element),
+    ReLU and GAP (1 per input element each) and the gating products of the kept channels
+    (N·Σ_heads kept·H_in·W_in). ``kept_fraction``, ``conv_macs``, ``saliency_macs``, and
+    ``gating_macs``: the authors' implementation's gating products H·N·C_in·H_in·W_in (H gated
+    copies of the input), for comparison with their figures; not part of ``macs``.
     """
-    n, _, hi, wi = input_shapes[0]
+    n, c, hi, wi = input_shapes[0]
     ho, wo = output_shape[-2], output_shape[-1]
     kh, kw = module.kernel_size
     per_head = n * (module.out_channels // module.heads) * ho * wo * module.in_channels * kh * kw
     fractions = _kept_fractions(module)
     conv = int(round(sum(per_head * f for f in fractions)))
     sal = n * module.heads * 2 * module.in_channels * module.saliency.hidden
-    return {"macs": conv + sal, "dense_macs": per_head * module.heads, "conv_macs": conv, "saliency_macs": sal,
-            "gating_macs": n * module.heads * module.in_channels * hi * wi,
-            "kept_fraction": sum(fractions) / len(fractions)}
+    numel = n * c * hi * wi
+    pre = (2 * numel if module.norm is not None else 0) + (numel if module.pre_relu else 0)
+    gating = int(round(sum(numel * f for f in fractions)))
+    return {"macs": conv + sal, "dense_macs": per_head * module.heads, "other_flops": pre + numel + gating,
+            "kept_fraction": sum(fractions) / len(fractions), "conv_macs": conv, "saliency_macs": sal,
+            "gating_macs": module.heads * numel}
+
+
+def dgc_macs(module: DynamicGroupConv2d, input_shapes: list[tuple[int, ...]], output_shape: tuple[int, ...]) -> dict:
+    """The rule registered with :func:`graphsel.cost.register_module_cost`: ``macs``,
+    ``dense_macs`` and ``other_flops`` of :func:`dgc_layer_cost` (the additive ones, so that
+    ``CostReport.total("dense_macs")`` is the dense model's MACs)."""
+    c = dgc_layer_cost(module, input_shapes, output_shape)
+    return {"macs": c["macs"], "dense_macs": c["dense_macs"], "other_flops": c["other_flops"]}
 
 
 def _node_shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -874,8 +890,7 @@ def dgc_cost_rows(gm: fx.GraphModule, example_inputs: tuple | None = None) -> li
             continue
         if isinstance(m, DynamicGroupConv2d):
             ins = [_node_shape(a) for a in node.args if isinstance(a, fx.Node)]
-            c = dgc_macs(m, ins, out)
-            rows.append({"layer": node.target, "kind": "dgc", **c})
+            rows.append({"layer": node.target, "kind": "dgc", **dgc_layer_cost(m, ins, out)})
         elif isinstance(m, nn.Conv2d):
             macs = math.prod(out) * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
             rows.append({"layer": node.target, "kind": "conv", "macs": macs, "dense_macs": macs})
@@ -899,13 +914,7 @@ def dgc_cost_table(gm: fx.GraphModule, example_inputs: tuple | None = None, fmt:
                     tablefmt=fmt)
 
 
-def _register_cost() -> None:
-    from graphsel import cost as _cost
-    if hasattr(_cost, "register_module_cost"):
-        _cost.register_module_cost(DynamicGroupConv2d, dgc_macs)
-
-
-_register_cost()
+register_module_cost(DynamicGroupConv2d, dgc_macs)
 
 
 # ================================================================================================
