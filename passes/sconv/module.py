@@ -128,6 +128,11 @@ class SelectiveConv2d(nn.Module):
         """Recompute the index caches the forward uses from ``source`` and ``is_open``.
         Called by dealloc/realloc and after loading a state dict; eager forwards also notice
         in-place edits of the buffers and resync by themselves."""
+        if self.source.is_meta:  # shapes only (costing a model on the meta device): no copies, all open
+            self._replica_slots = self._replica_sources = None
+            self._any_closed = False
+            self._synced_with = self._state_key()
+            return
         with torch.no_grad():
             slots = torch.nonzero(self.source >= 0).flatten()
             if slots.numel():
@@ -175,6 +180,8 @@ class SelectiveConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.in_channels
+        if self.source.is_meta:
+            return f"K={self.K}, gamma={self.gamma:g}, n_max={self.n_max}, slots={c} (meta)"
         n_open = int((self.is_open > 0).sum())
         n_rep = len(self.replica_slots())
         return (f"K={self.K}, gamma={self.gamma:g}, n_max={self.n_max}, open={n_open}/{c}, "
@@ -198,9 +205,11 @@ def _cost(m: SelectiveConv2d, input_shapes: list, output_shape: tuple) -> dict:
     per_slot = out * math.prod(m.conv.kernel_size)
     c = m.in_channels
     n_in = math.prod(input_shapes[0]) if input_shapes else 0
-    copies = len(m.replica_slots())
+    meta = m.source.is_meta
+    copies = 0 if meta else len(m.replica_slots())
+    n_open = c if meta else int((m.is_open > 0).sum())
     other = 4 * n_in + (8 * n_in * copies // c if c else 0) + (out if m.conv.bias is not None else 0)
-    return {"macs": per_slot * c, "other_flops": other, "open_macs": per_slot * int((m.is_open > 0).sum())}
+    return {"macs": per_slot * c, "other_flops": other, "open_macs": per_slot * n_open}
 
 
 register_module_cost(SelectiveConv2d, _cost, category="conv")
