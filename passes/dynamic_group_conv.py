@@ -60,6 +60,7 @@ products (H · C_in · H_in · W_in per layer, the stacked input copies) are cou
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 from typing import Any, Callable, Iterable, Sequence
 
@@ -194,6 +195,7 @@ class DynamicGroupConv2d(nn.Module):
         self.last_saliency: torch.Tensor | None = None
         self.last_kept: torch.Tensor | None = None
         self._rows_cache: tuple | None = None
+        self._workspace: threading.local | None = None
         self._k_int, self._global, self._signed = 0, False, False
         self.register_load_state_dict_post_hook(lambda module, incompatible: module._sync_from_buffers())
         self.reset_parameters()
@@ -270,7 +272,7 @@ class DynamicGroupConv2d(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["last_saliency"] = state["last_kept"] = state["_rows_cache"] = None
+        state["last_saliency"] = state["last_kept"] = state["_rows_cache"] = state["_workspace"] = None
         return state
 
     def extra_repr(self) -> str:
@@ -293,7 +295,7 @@ class DynamicGroupConv2d(nn.Module):
 
     def saliencies(self, xhat: torch.Tensor) -> torch.Tensor:
         """g (N × H × C_in): the generators' output on GAP(x̂), after ReLU unless signed."""
-        g = self.saliency(xhat.mean(dim=(2, 3)))
+        g = self.saliency(xhat.flatten(2).mean(-1))
         signed = self._signed if _exporting() else bool(self.signed_saliency)
         return g if signed else torch.relu(g)
 
@@ -332,14 +334,22 @@ class DynamicGroupConv2d(nn.Module):
         idx = _rank(key, width, exporting)
         return idx, torch.gather(g, -1, idx), kept
 
+    # above this many input pixels the masked path runs one conv per head: CPU grouped convs
+    # (and their backward) are slow on large maps with few channels per group
+    _SEPARATE_HEADS_PIXELS = 256
+
     def _masked_forward(self, xhat, g, idx, scale) -> torch.Tensor:
-        """The training formulation: H gated copies of x̂ through one grouped conv (groups = H)."""
+        """The training formulation: x̂ gated per head (H copies) through one grouped conv
+        (groups = H; the authors' formulation), or one conv per head on large maps."""
         n, c, h, w = xhat.shape
-        if idx is None:
-            gate = g
-        else:
-            gate = torch.zeros_like(g).scatter(-1, idx, scale)
-        stacked = (xhat.unsqueeze(1) * gate.unsqueeze(-1).unsqueeze(-1)).reshape(n, self.heads * c, h, w)
+        gate = g if idx is None else torch.zeros_like(g).scatter(-1, idx, scale)
+        gate = gate.unsqueeze(-1).unsqueeze(-1)
+        if h * w > self._SEPARATE_HEADS_PIXELS and self.heads > 1 and not _exporting():
+            rows = self.out_channels // self.heads
+            out = torch.cat([F.conv2d(xhat * gate[:, i], self.weight[i * rows:(i + 1) * rows], None, self.stride,
+                                      self.padding, self.dilation) for i in range(self.heads)], 1)
+            return self._interleave(out)
+        stacked = (xhat.unsqueeze(1) * gate).reshape(n, self.heads * c, h, w)
         out = F.conv2d(stacked, self.weight, None, self.stride, self.padding, self.dilation, self.heads)
         return self._interleave(out)
 
@@ -423,7 +433,9 @@ class DynamicGroupConv2d(nn.Module):
 
     def _narrow_conv(self, xhat: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Convolve the channels ``idx`` (H × U, per head) of every sample, gated by ``gate``
-        (N × H × U), with the matching weight rows: one conv with groups = H and U inputs per group."""
+        (N × H × U), with the matching weight rows: one conv with groups = H and U inputs per group.
+        Without autograd, the gathered operands live in reused per-thread buffers (fresh
+        allocations of this size cost as much as the narrower conv saves on CPU)."""
         plan = self._fast_plan()
         if plan == "pointwise" and self.stride != (1, 1):
             xhat = xhat[:, :, ::self.stride[0], ::self.stride[1]]
@@ -431,27 +443,48 @@ class DynamicGroupConv2d(nn.Module):
         heads, width = self.heads, idx.shape[-1]
         co_h = self.out_channels // heads
         kh, kw = self.kernel_size
-        xs = xhat.index_select(1, idx.reshape(-1))                                     # N × (H·U) × h × w
+        reuse = not _exporting() and not (torch.is_grad_enabled() and (xhat.requires_grad or self.weight.requires_grad))
         head_base = (torch.arange(heads, device=idx.device) * c).view(heads, 1)
-        gate = gate.to(xs.dtype)
+        gate = gate.to(xhat.dtype)
+        xs = self._gather(xhat, 1, idx.reshape(-1), "x", reuse)                        # N × (H·U) × h × w
         if plan == "strided":
             # weight rows gathered in (channel, head) order form a strided view C_out × U × kh × kw
             # that the grouped conv reads without a copy
             sel = (idx + head_base).transpose(0, 1).reshape(-1)
-            wv = self._weight_rows(flip=False).index_select(0, sel).view(width, self.out_channels, kh, kw)
-            xs = xs * gate.reshape(n, heads * width, 1, 1)
+            wv = self._gather(self._weight_rows(flip=False), 0, sel, "w", reuse).view(width, self.out_channels, kh, kw)
+            xs = _scale(xs, gate.reshape(n, heads * width, 1, 1), reuse)
             out = F.conv2d(xs, wv.transpose(0, 1), None, self.stride, self.padding, self.dilation, heads)
             return self._interleave(out)
-        rows = self._weight_rows(flip=plan == "transpose").index_select(0, (idx + head_base).reshape(-1))
+        rows = self._gather(self._weight_rows(flip=plan == "transpose"), 0, (idx + head_base).reshape(-1), "w", reuse)
         if n == 1 and h * w > co_h * kh * kw:             # scale whichever operand is smaller
-            rows = rows * gate.reshape(-1, 1, 1, 1)
+            rows = _scale(rows, gate.reshape(-1, 1, 1, 1), reuse)
         else:
-            xs = xs * gate.reshape(n, heads * width, 1, 1)
+            xs = _scale(xs, gate.reshape(n, heads * width, 1, 1), reuse)
         if plan == "pointwise":                           # N × H × Co/H × (h·w) = rowsᵀ @ xs
             out = torch.matmul(rows.view(heads, width, co_h).transpose(1, 2), xs.view(n, heads, width, h * w))
             return self._interleave(out.view(n, self.out_channels, h, w))
         pad = tuple(d * (k - 1) - p for p, d, k in zip(self._numeric_padding(), self.dilation, self.kernel_size))
         return self._interleave(F.conv_transpose2d(xs, rows, None, 1, pad, 0, heads, self.dilation))
+
+    def _gather(self, src: torch.Tensor, dim: int, index: torch.Tensor, name: str, reuse: bool) -> torch.Tensor:
+        """``src.index_select(dim, index)``, written into a reused buffer when ``reuse``."""
+        if not reuse:
+            return src.index_select(dim, index)
+        shape = list(src.shape)
+        shape[dim] = index.numel()
+        if self._workspace is None:
+            self._workspace = threading.local()
+        store = self._workspace.__dict__
+        key = (name, src.dtype, src.device, torch.is_inference_mode_enabled())
+        numel = math.prod(shape)
+        buf = store.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = store[key] = torch.empty(numel, dtype=src.dtype, device=src.device)
+        return torch.index_select(src, dim, index, out=buf[:numel].view(shape))
+
+
+def _scale(t: torch.Tensor, factor: torch.Tensor, inplace: bool) -> torch.Tensor:
+    return t.mul_(factor) if inplace else t * factor
 
 
 def _union(idx: torch.Tensor, scale: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,250 @@
+"""Dynamic group convolution trained for real: Fashion-MNIST, dense vs DGC (head-wise and global threshold).
+
+Three runs of the same CIFAR-style ResNet (``graphsel.models.resnet_cifar``, 1 input channel,
+random initialisation, same seed, same data order):
+
+* ``dense``: the plain network;
+* ``head-wise``: the ``dynamic_group_conv`` pass (4 heads, ξ), the paper's schedule applied every
+  iteration with :func:`set_progress` (warm-up to 1/12 of training, linear ramp, the full rate
+  from 3/4), cross-entropy + saliency lasso (λ_s = 1e-5);
+* ``global``: the same layers with global-threshold gating (signed saliencies, as the paper's
+  supplement), the threshold recalibrated at the end of every epoch from a window of the last
+  training iterations (the "saliency library") at the scheduled rate, cross-entropy + lasso +
+  angle enlargement (λ_a = 1e-4); after training T is calibrated once more at ξ on training
+  batches (eval mode) and frozen.
+
+Reported: test accuracy, the pruning rate measured on the test set (overall, as the paper's eq. 2
+counts it: over all saliency entries; and per layer), MACs (``graphsel.cost``: dense, and the DGC
+model at its kept fractions), training time; a per-epoch log showing the schedule reach ξ; and
+``dgc_fashion_mnist_rates.png``: per-layer pruning rates, head-wise vs global (the paper's Fig. 2).
+
+Run: ``python -m benchmarks.dgc_fashion_mnist`` (full: about 10–15 min on 2 cores) or
+``--quick`` (a smoke test, seconds). Writes ``benchmarks/results/dgc_fashion_mnist{,_quick}.{json,md,_rates.png}``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):                       # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import graphsel
+from benchmarks.common import RESULTS, environment, environment_line, result_stem, set_threads, table, write_results
+from graphsel.datasets import fashion_mnist
+from graphsel.models import resnet_cifar
+from graphsel.passes import dynamic_group_conv as dgc
+
+KINDS = ("dense", "head-wise", "global")
+
+
+def build(kind: str, args) -> torch.nn.Module:
+    torch.manual_seed(args.seed)
+    model = resnet_cifar(args.depth, in_channels=1, num_classes=10)
+    if kind == "dense":
+        return model
+    gm = graphsel.transform(model, [("dynamic_group_conv", {"ratio": args.ratio, "heads": args.heads})],
+                            torch.randn(1, 1, 28, 28))
+    if kind == "global":
+        dgc.use_global_threshold(gm, signed=True, threshold=0.0)
+    return gm
+
+
+def evaluate(model: torch.nn.Module, loader: DataLoader, is_dgc: bool) -> dict:
+    model.eval()
+    correct = total = 0
+    pruned: dict[str, float] = {}
+    entries = pruned_entries = 0.0
+    with torch.inference_mode():
+        for x, y in loader:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+            if is_dgc:
+                for path, m in dgc.dgc_modules(model):
+                    kept = m.last_kept.double()
+                    pruned[path] = pruned.get(path, 0.0) + float((m.in_channels - kept).sum())
+                    pruned_entries += float((m.in_channels - kept).sum())
+                    entries += kept.numel() * m.in_channels
+    out = {"accuracy": correct / total}
+    if is_dgc:
+        sizes = {p: total * m.heads * m.in_channels for p, m in dgc.dgc_modules(model)}
+        out["pruning_rate"] = pruned_entries / entries
+        out["layer_rates"] = {p: pruned[p] / sizes[p] for p in pruned}
+    return out
+
+
+def train(kind: str, args, train_set, test_loader) -> dict:
+    model = build(kind, args)
+    is_dgc = kind != "dense"
+    gen = torch.Generator().manual_seed(args.seed)
+    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=gen, drop_last=True)
+    steps = args.epochs * len(loader)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+                          lr=args.lr, momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    library = dgc.SaliencyLibrary(model, window=args.window) if kind == "global" else None
+    log, step, t0 = [], 0, time.perf_counter()
+    for epoch in range(args.epochs):
+        model.train()
+        seen = correct = 0
+        loss_sum = 0.0
+        for x, y in loader:
+            if is_dgc:
+                dgc.set_progress(model, step / steps)
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            if is_dgc:
+                loss = loss + dgc.saliency_lasso(model, args.lasso)
+            if kind == "global":
+                loss = loss + dgc.angle_enlargement(model, args.angle)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            seen += len(y)
+            correct += int((out.argmax(1) == y).sum())
+            loss_sum += loss.item() * len(y)
+        entry = {"epoch": epoch + 1, "progress": step / steps, "train_loss": loss_sum / seen,
+                 "train_accuracy": correct / seen, "seconds": time.perf_counter() - t0}
+        if is_dgc:
+            entry["scheduled_ratio"] = dgc.schedule_ratio(args.ratio, (step - 1) / steps)   # of the last batch
+            rates = dgc.pruning_rates(model)           # of the last training batch
+            entry["last_batch_rate"] = sum(rates.values()) / len(rates)
+        if kind == "global":
+            entry["threshold"] = dgc.calibrate_global_threshold(model, library=library)
+            library.clear()
+        if is_dgc:
+            entry["k"] = {p: int(m.k) for p, m in dgc.dgc_modules(model)}
+        log.append(entry)
+        print(f"[{kind}] epoch {epoch + 1}/{args.epochs}: loss {entry['train_loss']:.3f}, train acc "
+              f"{entry['train_accuracy']:.3f}" + (f", scheduled ξ {entry['scheduled_ratio']:.3f}" if is_dgc else "")
+              + (f", T {entry['threshold']:.4f}" if kind == "global" else "") + f" ({entry['seconds']:.0f} s)",
+              flush=True)
+    train_seconds = time.perf_counter() - t0
+    if library is not None:
+        library.close()
+    if kind == "global":                                 # final T at ξ on training batches, then frozen
+        calib = [train_set[i * args.batch_size:(i + 1) * args.batch_size][0] for i in range(args.calibration_batches)]
+        dgc.calibrate_global_threshold(model, calib, ratio=args.ratio)
+    result = {"kind": kind, "train_seconds": train_seconds, "log": log, **evaluate(model, test_loader, is_dgc)}
+    result["macs"] = graphsel.cost(model, torch.randn(1, 1, 28, 28)).macs if not is_dgc else graphsel.cost(model).macs
+    result["params"] = sum(p.numel() for p in model.parameters())
+    if is_dgc:
+        result["threshold"] = float(next(m for _, m in dgc.dgc_modules(model)).threshold) if kind == "global" else None
+    print(f"[{kind}] test accuracy {result['accuracy']:.4f}"
+          + (f", test pruning rate {result['pruning_rate']:.3f}" if is_dgc else "") + f", MACs {result['macs'] / 1e6:.2f} M",
+          flush=True)
+    return result
+
+
+def plot(results: dict, path: Path, ratio: float) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = {r["kind"]: r for r in results["runs"] if r["kind"] != "dense"}
+    layers = list(next(iter(runs.values()))["layer_rates"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(layers) + 2), 3.6))
+    width = 0.4
+    colours = {"head-wise": "#8da0cb", "global": "#fc8d62"}
+    for i, (kind, r) in enumerate(runs.items()):
+        xs = [j + (i - 0.5) * width for j in range(len(layers))]
+        ax.bar(xs, [r["layer_rates"][p] for p in layers], width, label=f"{kind} (overall {r['pruning_rate']:.3f})",
+               color=colours.get(kind))
+    ax.axhline(ratio, color="red", linestyle="--", linewidth=1, label=f"target ξ = {ratio}")
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels([p.replace("features.", "") for p in layers], rotation=70, fontsize=7)
+    ax.set_ylabel("pruning rate (test set)")
+    ax.set_ylim(0, 1)
+    ax.set_title("DGC per-layer pruning rate on Fashion-MNIST (cf. paper 002 supplement, Fig. 2)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(results: dict) -> str:
+    a = results["config"]
+    lines = [f"# DGC on Fashion-MNIST (resnet_cifar({a['depth']}), {a['heads']} heads, ξ = {a['ratio']}"
+             f"{', quick smoke run' if a['quick'] else ''})", "", environment_line(results["environment"]), "",
+             f"{a['train_samples']} training images, {a['epochs']} epochs, batch {a['batch_size']}, SGD (Nesterov 0.9, "
+             f"cosine from {a['lr']}, weight decay {a['weight_decay']}); test on {a['test_samples']} images.", ""]
+    dense = next(r for r in results["runs"] if r["kind"] == "dense")
+    rows = []
+    for r in results["runs"]:
+        rows.append([r["kind"], f"{100 * r['accuracy']:.2f}", f"{100 * (r['accuracy'] - dense['accuracy']):+.2f}",
+                     f"{r['pruning_rate']:.3f}" if "pruning_rate" in r else "—",
+                     f"{r['macs'] / 1e6:.2f}", f"{r['macs'] / dense['macs']:.3f}", f"{r['train_seconds']:.0f}"])
+    lines.append(table(rows, ["model", "test acc %", "Δ vs dense", "test pruning rate", "MMACs", "MACs / dense",
+                              "train s"]))
+    lines += ["", f"Per-layer test pruning rates: ![rates]({results['plot']})", ""]
+    dgc_runs = [r for r in results["runs"] if "layer_rates" in r]
+    if dgc_runs:
+        layers = list(dgc_runs[0]["layer_rates"])
+        lines.append(table([[p] + [f"{r['layer_rates'][p]:.3f}" for r in dgc_runs] for p in layers],
+                           ["layer"] + [r["kind"] for r in dgc_runs]))
+    for r in dgc_runs:
+        lines += ["", f"Schedule ({r['kind']}): "]
+        lines.append(table([[e["epoch"], f"{e['progress']:.2f}", f"{e['scheduled_ratio']:.3f}", f"{e['last_batch_rate']:.3f}",
+                             f"{e.get('threshold', float('nan')):.4f}" if "threshold" in e else "—",
+                             f"{100 * e['train_accuracy']:.2f}"] for e in r["log"]],
+                           ["epoch", "progress", "scheduled ξ", "rate (last batch)", "T", "train acc %"]))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke test: tiny data, one epoch")
+    ap.add_argument("--depth", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--train-samples", type=int, default=12800)
+    ap.add_argument("--test-samples", type=int, default=10000)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--weight-decay", type=float, default=1e-4)
+    ap.add_argument("--lasso", type=float, default=1e-5)
+    ap.add_argument("--angle", type=float, default=1e-4)
+    ap.add_argument("--window", type=int, default=10, help="training iterations in the saliency library")
+    ap.add_argument("--calibration-batches", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's); use 1 on a machine shared with other jobs")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.epochs, args.train_samples, args.test_samples = 2, 512, 256
+        args.batch_size, args.window, args.calibration_batches = 64, 4, 2
+    if "dense" not in args.kinds:
+        args.kinds = ["dense"] + list(args.kinds)
+    set_threads(args.threads)
+    train_set = fashion_mnist("train", limit=args.train_samples)
+    test_loader = DataLoader(fashion_mnist("test", limit=args.test_samples), batch_size=500)
+    results = {"config": {**{k: v for k, v in vars(args).items() if k != "out"}, "quick": args.quick},
+               "environment": environment(), "runs": []}
+    for kind in args.kinds:
+        results["runs"].append(train(kind, args, train_set, test_loader))
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = args.out / f"{result_stem('dgc_fashion_mnist', args.quick)}_rates.png"
+    results["plot"] = png.name
+    if any("layer_rates" in r for r in results["runs"]):
+        plot(results, png, args.ratio)
+    js, md = write_results("dgc_fashion_mnist", results, markdown(results), args.out, quick=args.quick)
+    print(f"wrote {js}, {md} and {png}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
