@@ -196,8 +196,7 @@ class DynamicGroupConv2d(nn.Module):
         self.last_kept: torch.Tensor | None = None
         self._rows_cache: tuple | None = None
         self._workspace: threading.local | None = None
-        self._k_int, self._global, self._signed = 0, False, False
-        self.register_load_state_dict_post_hook(lambda module, incompatible: module._sync_from_buffers())
+        self._k_int, self._global, self._signed, self._mirrored = 0, False, False, None
         self.reset_parameters()
 
     # -- construction ---------------------------------------------------------------------------
@@ -265,14 +264,24 @@ class DynamicGroupConv2d(nn.Module):
 
     def _sync_from_buffers(self) -> None:
         """Mirror the buffers that steer control flow as Python values (read under torch.export,
-        where buffer values are not available)."""
+        where buffer values are not available). Cheap when they have not changed: keyed by the
+        buffers' identities and in-place version counters."""
+        key = tuple((id(b), b._version) for b in (self.k, self.global_gating, self.signed_saliency))
+        if key == self._mirrored:
+            return
         self._k_int = int(self.k)
         self._global = bool(self.global_gating)
         self._signed = bool(self.signed_saliency)
+        self._mirrored = key
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync_from_buffers()
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["last_saliency"] = state["last_kept"] = state["_rows_cache"] = state["_workspace"] = None
+        state["_mirrored"] = None
         return state
 
     def extra_repr(self) -> str:

@@ -176,6 +176,59 @@ def test_fast_path_equals_masked_path_and_naive_reference(case, gating, dispatch
     torch.testing.assert_close(masked, ref, rtol=1e-4, atol=1e-4)
 
 
+def _layer(c=8, co=12, kernel=3, stride=1, padding=1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(c, co, kernel, stride, padding, bias=True)
+    m = DynamicGroupConv2d.from_conv(conv, heads=4, norm=random_bn(c, gen), pre_relu=True)
+    randomise_saliency(m, gen)
+    return m.eval()
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (1, 2, 0), (3, 2, 1)])
+def test_fast_path_outputs_are_fresh_and_agree_across_grad_modes(kernel, stride, padding):
+    m = _layer(kernel=kernel, stride=stride, padding=padding)
+    m.set_k(3)
+    x1, x2 = torch.randn(2, 8, 9, 9), torch.randn(2, 8, 9, 9)
+    with torch.inference_mode():
+        a = m(x1)
+        a_copy = a.clone()
+        m(x2)                                   # reuses the gather buffers
+        assert torch.equal(a, a_copy)           # the returned tensor is not a buffer
+    with torch.no_grad():
+        b = m(x1)
+    c = m(x1)                                   # eval with autograd: differentiable fast path
+    torch.testing.assert_close(b, naive_dgc(m, x1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a_copy, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c.detach(), b, rtol=1e-5, atol=1e-5)
+    c.square().sum().backward()
+    fast_grad = m.weight.grad.clone()
+    m.weight.grad = None
+    m.fast_inference = False
+    m(x1).square().sum().backward()
+    torch.testing.assert_close(fast_grad, m.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_buffers_changed_in_place_take_effect_and_modules_pickle():
+    m = _layer()
+    x = torch.randn(2, 8, 7, 7)
+    with torch.no_grad():
+        m(x)
+        m.k.fill_(5)                            # not through set_k
+        m(x)
+        assert torch.all(m.last_kept == 3)
+        m.global_gating.fill_(True)
+        m.threshold.fill_(1e9)
+        m(x)
+        assert torch.all(m.last_kept == 0)
+    import io
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), m(x))
+
+
 # ------------------------------------------------------------------------------------------------
 # schedule
 
