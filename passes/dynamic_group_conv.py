@@ -9,7 +9,7 @@ only the C_in − k input channels its generator ranks highest, scaled by their 
     keep_i = the C_in − k largest |g_i| (head-wise)   or   |g_i| ≥ T (global threshold)
     y_i = conv_i(x̂ ⊙ g_i ⊙ keep_i)         C_out/H outputs;  output channel j·H + i ← y_i[j]
 
-Public API (also exported from ``graphsel.passes``):
+Public API (``graphsel.passes.dynamic_group_conv``):
 
 * :class:`DynamicGroupConv2d` — the module (a registered tracing leaf). ``set_k(k)``,
   ``set_threshold(T)``, ``set_gating("head" | "global", signed=...)``; every piece of state is a
@@ -20,22 +20,29 @@ Public API (also exported from ``graphsel.passes``):
   :func:`saliency_lasso`, :func:`angle_enlargement` (and the tensor-level :func:`lasso_of`,
   :func:`angle_of`), :func:`pruning_rates`.
 * Cost: :func:`dgc_macs` (registered with ``graphsel.cost.register_module_cost``),
-  :func:`dgc_cost_rows`, :func:`dgc_cost_table`.
+  :func:`dgc_layer_cost`, :func:`dgc_cost_rows`, :func:`dgc_cost_table`.
 
-Inference. In eval mode the module runs a *fast path*: it gathers, per sample and head, the
-kept input channels (one ``index_select``) and the matching weight rows, and runs one grouped
-convolution over all samples and heads (groups = N·H) whose MACs are the kept fraction of the
-dense conv's. Stride-1 convolutions run as the equivalent transposed convolution, whose weight
-layout (C_in-major) makes the per-sample weight gather a contiguous row copy of a cached,
-re-laid-out weight; strided 1×1 convolutions subsample first; other strided convolutions use a
-per-sample grouped conv over a strided weight view. Training mode runs the authors' masked
-formulation (H stacked, gated copies of x̂ through one grouped conv), which carries gradients to
-the saliency generators. Both equal a naive per-sample, per-head loop (tested).
+Inference. In eval mode the module runs a *fast path*: it gathers the kept input channels of
+each head (one ``index_select``) and the matching rows of a cached, C_in-major copy of the weight
+(a contiguous row copy), and runs one convolution with groups = H and C_in − k inputs per group,
+whose MACs are the kept fraction of the dense conv's. Plans by geometry: stride-1 convolutions
+run as the equivalent transposed convolution (its weight layout is the gathered rows, flipped);
+1×1 convolutions as a batched matmul (strided ones subsample first); other strided convolutions
+as a grouped conv over a strided view of the gathered rows. A batch runs either as one conv
+over the union of its samples' kept channels, weights shared and each sample's pruned channels
+gated to 0 (``batch_dispatch="shared"``), or one narrower conv per sample (``"per_sample"``);
+``"auto"`` picks the cheaper by a cost estimate. Without autograd the gathered operands live in
+reused per-thread buffers (fresh allocations of that size cost CPU time comparable to what the
+narrower conv saves). Training mode runs the masked formulation (x̂ gated per head; the H gated
+copies through one grouped conv as the authors do, or one conv per head on large maps where CPU
+grouped convs are slow), which carries gradients to the saliency generators. Fast and masked
+paths equal a naive per-sample, per-head loop (tested).
 
 Tie-breaking. Channels are ranked by |g| with ties broken towards the lower channel index
 (stable sort), so exactly C_in − k channels are kept per head and sample (the authors' code
-prunes every channel tied with the k-th smallest). Under ``torch.export`` the ranking is a
-``topk`` (ONNX ``TopK`` breaks ties by lower index too).
+prunes every channel tied with the k-th smallest). Under ``torch.export`` (and so ONNX) the cut
+is made explicit with ``topk`` values and a cumulative count of the ties, which selects the same
+set.
 
 Global threshold (paper 002 supplement, eq. 1–2). The supplement drops the generator's last
 ReLU to keep signed saliencies and prunes ``|g| < T``; :func:`use_global_threshold` does the
@@ -47,15 +54,18 @@ effect and refines it (``refine`` rounds), so the pruning rate measured on the c
 meets ξ. Under ``torch.export`` a global-threshold layer gathers all C_in channels (the kept
 count is data dependent) and masks the pruned ones: exact, but without the speed-up.
 
-Cost convention. ``dgc_macs`` counts, per layer, the head convolutions' multiply-accumulates
-times the kept fraction plus the saliency generators' fully connected layers
-(N·H·2·C_in·C_in/r); GAP, BatchNorm, ReLU and the gating products are not MACs. On
-torchvision's ResNet-18 at 224² with ξ = 0.55 and 4 heads (every block conv converted, the stem
-kept dense) this gives 882.1 M MACs against 1814.1 M dense (conv + linear); the paper reports
-890 M against 1823 M. The dense gap (0.5 %) is the paper counting BatchNorm, ReLU and pooling
-elements; the DGC figure matches it to 0.02 % when the authors' implementation's gating
-products (H · C_in · H_in · W_in per layer, the stacked input copies) are counted too, which
-:func:`dgc_macs` reports separately as ``gating_macs``. See ``tests/test_dynamic_group_conv.py``.
+Cost convention. ``dgc_macs`` (registered with ``graphsel.cost``) counts, per layer, the head
+convolutions' multiply-accumulates times the kept fraction plus the saliency generators' fully
+connected layers (N·H·2·C_in·C_in/r); BatchNorm, ReLU, GAP and the gating products go to
+``other_flops``. On torchvision's ResNet-18 at 224² with ξ = 0.55 and 4 heads (every block conv
+converted, the 3-channel stem dense; k = round(ξ·C_in) as the authors' code) this gives
+884.5 M MACs against 1814.1 M dense; the paper reports 890 M against 1823 M. The dense figure
+is torchvision's published 1.814 GMACs; the paper's 1823 M is that plus the element-wise FLOPs
+(BatchNorm, ReLU, pooling, adds: 1814.1 + 9.9 = 1823.9 M). Our DGC count is 0.6 % below the
+paper's 890 M (convention: the paper most likely also counts some element-wise work; with the
+authors' gating products, H·C_in·H_in·W_in per layer = 8.1 M, reported by
+:func:`dgc_layer_cost` as ``gating_macs``, it would be 892.6 M). See the test
+``test_paper_resnet18_macs``.
 """
 from __future__ import annotations
 

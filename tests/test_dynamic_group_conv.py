@@ -10,7 +10,6 @@ torchvision zoo, and bad input.
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import pytest
