@@ -1,0 +1,446 @@
+"""The ``graphsel`` command (also ``python -m graphsel``).
+
+::
+
+    graphsel demo [--out DIR]                         # ResNet-18 through the default slimming pipeline
+    graphsel convert MODEL --passes a,b,c [--pass-opt prune.ratio=0.3 ...] [--input-shape 1,3,224,224]
+                     --out PATH [--format pt2|onnx|torchscript|pickle|graphsel] [--no-verify]
+    graphsel report PATH                              # pass history of a saved graphsel GraphModule
+    graphsel passes                                   # registered passes, contracts, options
+    graphsel cost MODEL [--input-shape ...] [--top N] # the cost model's table
+
+MODEL is ``torchvision:NAME``, ``timm:NAME``, ``graphsel:NAME``, ``package.module:factory`` or a
+saved model file (see :mod:`graphsel.zoo`). Bad input gets a one-line message and exit code 2;
+``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+# The demo's slimming pipeline. Extend it here (it is data: names or (name, {options}) pairs).
+DEMO_PIPELINE: list[Any] = [
+    ("prune", {"ratio": 0.5, "round_to": 8}),
+    "fold_masks",
+    "materialize",
+    "fuse_bn",
+]
+DEMO_MODEL = "torchvision:resnet18"
+DEMO_INPUT_SHAPE = (1, 3, 224, 224)
+DEMO_EXPORT_FORMATS = ("pt2", "pickle")
+# Hook for further demo sections (e.g. a selective-convolution example): callables
+# ``section(out_dir: Path, log: Callable[[str], None]) -> dict`` run after the main demo; each
+# returns a JSON-ready summary stored under its ``__name__`` in report.json.
+DEMO_SECTIONS: list[Callable[[Path, Callable[[str], None]], dict]] = []
+
+CONVERT_FORMATS = ("pt2", "onnx", "torchscript", "pickle", "graphsel")
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit code 2)."""
+
+
+# ================================================================================================
+# small helpers
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` or ``"1x3x224x224"`` → ``(1, 3, 224, 224)``."""
+    parts = [p.strip() for p in text.replace("x", ",").replace("×", ",").split(",")]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"bad --input-shape '{text}': expected comma-separated integers such as 1,3,224,224") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise UsageError(f"bad --input-shape '{text}': every dimension must be a positive integer")
+    return shape
+
+
+def make_inputs(shapes: Sequence[str] | None) -> tuple | None:
+    import torch
+
+    if not shapes:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(parse_shape(s), generator=gen) for s in shapes)
+
+
+def parse_pass_options(items: Sequence[str] | None, pass_names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["prune.ratio=0.3", "prune.criterion=bn_gamma"]`` → ``{"prune": {"ratio": 0.3, "criterion": "bn_gamma"}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or ():
+        key, eq, raw = item.partition("=")
+        name, dot, option = key.strip().partition(".")
+        if not eq or not dot or not name or not option:
+            raise UsageError(f"bad --pass-opt '{item}': expected PASS.OPTION=VALUE, e.g. prune.ratio=0.3")
+        if name not in pass_names:
+            raise UsageError(f"--pass-opt '{item}' is for pass '{name}', which is not in --passes "
+                             f"({', '.join(pass_names) or 'none'})")
+        out.setdefault(name, {})[option] = _literal(raw.strip())
+    return out
+
+
+def _literal(raw: str) -> Any:
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw  # a bare word: a string option such as criterion=bn_gamma
+
+
+def measure_latency(model, inputs: tuple, *, min_seconds: float = 1.0, warmup: int = 3, max_runs: int = 200) -> float:
+    """Median eager wall time of ``model(*inputs)`` in milliseconds (eval mode, inference mode)."""
+    import torch
+
+    from .verify import eval_mode
+
+    times: list[float] = []
+    with eval_mode(model), torch.inference_mode():
+        for _ in range(warmup):
+            model(*inputs)
+        start = time.perf_counter()
+        while len(times) < max_runs and (len(times) < 5 or time.perf_counter() - start < min_seconds):
+            t0 = time.perf_counter()
+            model(*inputs)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+@contextlib.contextmanager
+def stage(desc: str):
+    """A tqdm line with the elapsed time of a step that may take seconds (shown on terminals only)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=1, desc=desc, bar_format="{desc}: {elapsed}", leave=False, disable=None, file=sys.stderr)
+    try:
+        yield bar
+        bar.update(1)
+    finally:
+        bar.close()
+
+
+def _json_ready(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _json_ready(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def history_json(gm) -> dict[str, Any]:
+    """The graphsel metadata of ``gm`` as JSON-ready data (inputs, notes, leafed modules, pass rows)."""
+    from .meta import graphsel_meta
+
+    meta = graphsel_meta(gm, create=False)
+    if meta is None:
+        return {}
+    return {"model_class": meta.model_class, "trace_seconds": meta.trace_seconds,
+            "inputs": [str(i) for i in meta.inputs], "notes": list(meta.notes),
+            "leafed": _json_ready(meta.leafed), "passes": _json_ready(meta.history)}
+
+
+def summary_line(doc: str, width: int = 100) -> str:
+    """The first sentence of a docstring's first paragraph, without reST markup."""
+    import re
+
+    para = " ".join(doc.strip().split("\n\n")[0].split())
+    para = re.sub(r":\w+:`~?([^`]+)`", r"\1", para).replace("``", "")
+    m = re.search(r"(?<=[.!?])\s(?=[A-Z])", para)
+    first = para[:m.start()] if m else para
+    return first if len(first) <= width else first[:width - 1].rstrip() + "…"
+
+
+def _human(n: float) -> str:
+    from .report import human
+
+    return human(n)
+
+
+def _out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+# ================================================================================================
+# commands
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    import graphsel
+
+    from .export import export
+    from .zoo import load_model, save
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = load_model(DEMO_MODEL).eval()
+    x = torch.randn(DEMO_INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
+    _out(f"graphsel demo: {DEMO_MODEL} (random weights, no downloads), input {tuple(x.shape)}")
+    _out("pipeline: " + ", ".join(p if isinstance(p, str) else f"{p[0]}{p[1]}" for p in DEMO_PIPELINE))
+
+    cost_before = graphsel.cost(model, (x,))
+    gm = graphsel.transform(model, DEMO_PIPELINE, (x,), progress=None)
+    cost_after = graphsel.cost(gm, (x,))
+    report_text = graphsel.report(gm)
+    _out()
+    _out(report_text)
+
+    with stage("measuring eager latency"):
+        lat_before = measure_latency(model, (x,), min_seconds=args.latency_seconds)
+        lat_after = measure_latency(gm, (x,), min_seconds=args.latency_seconds)
+    summary = _before_after_table(cost_before, cost_after, lat_before, lat_after)
+    _out()
+    _out(summary)
+
+    exports = []
+    for fmt in DEMO_EXPORT_FORMATS:
+        with stage(f"export {fmt}"):
+            exports.append(export(gm, out / f"resnet18_slim{_suffix(fmt)}", fmt, (x,)))
+    checkpoint = save(gm, out / "resnet18_slim.graphsel.pt")
+
+    sections = {}
+    for section in DEMO_SECTIONS:
+        sections[section.__name__] = section(out, _out)
+
+    text = "\n\n".join([report_text, summary] + [str(r) for r in exports])
+    (out / "report.txt").write_text(text + "\n", encoding="utf-8")
+    data = {"model": DEMO_MODEL, "input_shape": list(DEMO_INPUT_SHAPE), "pipeline": _json_ready(DEMO_PIPELINE),
+            "cost_before": cost_before.to_dict(), "cost_after": cost_after.to_dict(),
+            "latency_ms_batch1_eager": {"before": lat_before, "after": lat_after,
+                                        "threads": torch.get_num_threads()},
+            "exports": [r.to_dict() for r in exports], "checkpoint": str(checkpoint),
+            "history": history_json(gm), "sections": _json_ready(sections)}
+    (out / "report.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    _out()
+    for r in exports:
+        _out(f"wrote {r}")
+    _out(f"wrote {checkpoint} (graphsel checkpoint with pass history: graphsel report {checkpoint})")
+    _out(f"wrote {out / 'report.txt'} and {out / 'report.json'}")
+    return EXIT_OK
+
+
+def _suffix(fmt: str) -> str:
+    from .export import SUFFIXES
+
+    return SUFFIXES[fmt]
+
+
+def _before_after_table(before, after, lat_before: float, lat_after: float) -> str:
+    import torch
+    from tabulate import tabulate
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}×" if b else "-"
+
+    rows = [["params", _human(before.params), _human(after.params), ratio(before.params, after.params)],
+            ["MACs", _human(before.macs), _human(after.macs), ratio(before.macs, after.macs)],
+            [f"eager latency, batch 1 ({torch.get_num_threads()} threads)", f"{lat_before:.1f} ms",
+             f"{lat_after:.1f} ms", ratio(lat_before, lat_after)]]
+    return tabulate(rows, headers=["", "before", "after", "reduction"], tablefmt="github")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import graphsel
+
+    from .export import export
+    from .registry import resolve_passes
+    from .zoo import load_model, save
+
+    names = [p.strip() for p in args.passes.split(",") if p.strip()]
+    if not names:
+        raise UsageError("--passes is empty: give registered pass names, e.g. --passes fuse_bn (see: graphsel passes)")
+    options = parse_pass_options(args.pass_opt, names)
+    pipeline = [(n, options[n]) if n in options else n for n in names]
+    resolve_passes(pipeline)  # unknown names and options fail here, before the model is loaded
+    inputs = make_inputs(args.input_shape)
+    with stage(f"loading {args.model}"):
+        model = load_model(args.model).eval()
+    gm = graphsel.transform(model, pipeline, inputs, verify=not args.no_verify, progress=None)
+    _out(graphsel.report(gm))
+    out = Path(args.out)
+    if args.format == "graphsel":
+        is_dir = out.is_dir() or args.out.endswith(("/", os.sep))
+        path = save(gm, out / "model.graphsel.pt" if is_dir else out)
+        _out(f"\nwrote {path} (graphsel checkpoint; graphsel report {path})")
+        return EXIT_OK
+    with stage(f"export {args.format}"):
+        result = export(gm, args.out, args.format, check=not args.no_verify)
+    _out(f"\nwrote {result}")
+    for w in result.warnings:
+        _out(f"warning: {w}")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import graphsel
+
+    from .meta import graphsel_meta
+    from .zoo import load_file
+
+    gm = load_file(args.path)
+    if graphsel_meta(gm, create=False) is None:
+        raise UsageError(f"{args.path} holds a {type(gm).__name__} without graphsel history (export artefacts and "
+                         f"plain torch.save pickles drop it); save with graphsel.save(gm, path) or "
+                         f"graphsel convert ... --format graphsel")
+    if args.json:
+        _out(json.dumps(history_json(gm), indent=2))
+    else:
+        _out(graphsel.report(gm))
+    return EXIT_OK
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    import inspect
+
+    from tabulate import tabulate
+
+    from .registry import available_passes, pass_options
+
+    rows = []
+    for name, cls in available_passes().items():
+        opts = []
+        for opt, default in pass_options(cls).items():
+            opts.append(f"{opt} (required)" if default is inspect.Parameter.empty else f"{opt}={default!r}")
+        rows.append([name, str(cls.contract), "\n".join(opts) if args.long else ", ".join(opts) or "-",
+                     summary_line(inspect.getdoc(cls) or "")])
+    if args.json:
+        _out(json.dumps([{"name": r[0], "contract": r[1], "options": r[2], "doc": r[3]} for r in rows], indent=2))
+    else:
+        _out(tabulate(rows, headers=["pass", "contract", "options", "description"], tablefmt="simple"))
+    return EXIT_OK
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    import graphsel
+
+    from .zoo import load_model
+
+    inputs = make_inputs(args.input_shape)
+    with stage(f"loading {args.model}"):
+        model = load_model(args.model).eval()
+    with stage("cost analysis"):
+        report = graphsel.cost(model, inputs)
+    if args.json:
+        _out(json.dumps(report.to_dict(), indent=2))
+        return EXIT_OK
+    _out(report.table(top=args.top))
+    _out()
+    _out(report.summary())
+    return EXIT_OK
+
+
+# ================================================================================================
+# parser and entry point
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(
+        prog="graphsel",
+        description="graphsel: a channel-level graph compiler for PyTorch (torch.fx).",
+        epilog="MODEL: torchvision:NAME | timm:NAME | graphsel:NAME | package.module:factory | a saved model file "
+               "(files are unpickled: load only files you trust). Add --debug for tracebacks.")
+    p.add_argument("--version", action="version", version=f"graphsel {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    d = sub.add_parser("demo", help="slim a random-weight ResNet-18 and export it (no downloads)",
+                       description="A random-initialised torchvision ResNet-18 through the default slimming pipeline "
+                                   f"({', '.join(p if isinstance(p, str) else p[0] for p in DEMO_PIPELINE)}); "
+                                   "prints the report, costs and latency; writes the model and report.")
+    d.add_argument("--out", default="graphsel-out", help="output directory (default: ./graphsel-out)")
+    d.add_argument("--latency-seconds", type=float, default=1.0, help="time spent measuring each latency (default 1)")
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("convert", help="run passes on a model and export the result")
+    c.add_argument("model", metavar="MODEL")
+    c.add_argument("--passes", required=True, help="comma-separated pass names, e.g. prune,fold_masks,materialize")
+    c.add_argument("--pass-opt", action="append", metavar="PASS.OPTION=VALUE",
+                   help="a pass option, e.g. prune.ratio=0.3 (repeatable; values are Python literals or words)")
+    c.add_argument("--input-shape", action="append", metavar="SHAPE",
+                   help="example input shape, e.g. 1,3,224,224 (repeat for several inputs; default: inferred "
+                        "from the first convolution)")
+    c.add_argument("--out", required=True, help="output file (or directory)")
+    c.add_argument("--format", choices=CONVERT_FORMATS, default="pt2",
+                   help="pt2 (torch.export), onnx, torchscript, pickle (plain GraphModule), or graphsel "
+                        "(checkpoint with pass history); default pt2")
+    c.add_argument("--no-verify", action="store_true", help="skip contract verification and the export check")
+    c.set_defaults(func=cmd_convert)
+
+    r = sub.add_parser("report", help="the pass history of a saved graphsel GraphModule")
+    r.add_argument("path", metavar="PATH")
+    r.add_argument("--json", action="store_true", help="print JSON")
+    r.set_defaults(func=cmd_report)
+
+    ps = sub.add_parser("passes", help="registered passes with their contracts and options")
+    ps.add_argument("--json", action="store_true", help="print JSON")
+    ps.add_argument("--long", action="store_true", help="one option per line")
+    ps.set_defaults(func=cmd_passes)
+
+    co = sub.add_parser("cost", help="parameters, MACs and activation memory per node")
+    co.add_argument("model", metavar="MODEL")
+    co.add_argument("--input-shape", action="append", metavar="SHAPE",
+                    help="example input shape (repeatable; default: inferred)")
+    co.add_argument("--top", type=int, default=None, help="only the N most expensive nodes")
+    co.add_argument("--json", action="store_true", help="print the totals as JSON")
+    co.set_defaults(func=cmd_cost)
+    return p
+
+
+def _bad_input_types() -> tuple[type[BaseException], ...]:
+    from .errors import GraphselError
+
+    return (UsageError, GraphselError, ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError,
+            IsADirectoryError, PermissionError, ImportError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 failure, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv = [a for a in argv if a != "--debug"]
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else EXIT_BAD_INPUT
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("graphsel: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001
+        if debug:
+            traceback.print_exc()
+        bad = isinstance(e, _bad_input_types())
+        message = " ".join(str(e).split()) if not isinstance(e, KeyError) else str(e.args[0] if e.args else e)
+        message = message or type(e).__name__
+        print(f"graphsel {args.command}: error: {message}", file=sys.stderr)
+        if not bad and not debug:
+            print("graphsel: this looks like a bug in graphsel; rerun with --debug and report the traceback",
+                  file=sys.stderr)
+        return EXIT_BAD_INPUT if bad else EXIT_FAILURE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
