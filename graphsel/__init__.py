@@ -13,6 +13,8 @@ from .patterns import Optional, Pattern
 from .pipeline import transform
 from .report import report
 from .cost import cost
+from .export import ExportError, ExportResult, export
+from .zoo import ModelSpecError, load_model, save
 
 __version__ = "0.1.0"
 
@@ -21,4 +23,5 @@ __all__ = [
     "register_pass", "register_leaf_module", "register_analysis", "available_passes", "resolve_pass",
     "resolve_passes", "Pattern", "Optional", "GraphselError", "TraceError", "PassError",
     "FunctionChangedError", "MaskError", "ExampleInputError", "GraphselMeta", "graphsel_meta",
+    "export", "ExportResult", "ExportError", "load_model", "save", "ModelSpecError",
 ]
