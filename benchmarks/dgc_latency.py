@@ -17,7 +17,9 @@ and all samples would keep the same channels, which flatters the batched path.
 
 Timing: each measurement alternates the candidates and keeps the minimum and the median of
 ``--repeats`` rounds (the minimum is robust to other processes on the machine). Threads:
-``--threads`` (default 1: the batch-1 CPU deployment case).
+``--threads`` (default 1: the batch-1 CPU deployment case). ``--clock thread`` measures the
+calling thread's CPU time instead of wall time (single-threaded runs only): on a machine shared
+with other jobs it leaves out the time the process waits for a core.
 
 Run: ``python -m benchmarks.dgc_latency`` (full: ~5–10 min on a quiet core) or ``--quick``
 (small input, a smoke test). Writes ``benchmarks/results/dgc_latency{,_quick}.{json,md}``.
@@ -26,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):                       # run as a script: make `benchmarks` importable
@@ -39,6 +43,21 @@ import torchvision
 import graphsel
 from benchmarks.common import RESULTS, environment, environment_line, measure, set_threads, table, write_results
 from graphsel.passes import dynamic_group_conv as dgc
+
+
+def measure_cpu(candidates: dict, repeats: int, warmup: int = 2, inner: int = 1) -> dict[str, dict[str, float]]:
+    """As :func:`benchmarks.common.measure`, with the calling thread's CPU time."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in candidates}
+    for _ in range(max(1, repeats)):
+        for k, fn in candidates.items():
+            t0 = time.thread_time()
+            for _ in range(inner):
+                fn()
+            times[k].append((time.thread_time() - t0) / inner * 1e3)
+    return {k: {"min_ms": min(v), "median_ms": statistics.median(v)} for k, v in times.items()}
 
 
 def randomise_saliency(model: nn.Module, seed: int = 0) -> None:
@@ -70,11 +89,13 @@ def layer_inputs(gm: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def run(args) -> dict:
     set_threads(args.threads)
+    timer = measure_cpu if args.clock == "thread" else measure
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
     example = torch.randn(1, 3, args.size, args.size)
     results = {"config": {"model": "torchvision resnet18 (random init)", "size": args.size, "threads": args.threads,
                           "repeats": args.repeats, "layer_repeats": args.layer_repeats, "heads": 4,
+                          "clock": args.clock,
                           "quick": args.quick},
                "environment": environment(), "runs": []}
     dense_cost = graphsel.cost(model, example)
@@ -88,7 +109,7 @@ def run(args) -> dict:
         for batch in args.batches:
             x = torch.randn(batch, 3, args.size, args.size)
             with torch.inference_mode():
-                net = measure({"dense": lambda: model(x), "dgc": lambda: gm(x)}, args.repeats)
+                net = timer({"dense": lambda: model(x), "dgc": lambda: gm(x)}, args.repeats)
             inputs = layer_inputs(gm, x)
             rows = {r["layer"]: r for r in dgc.dgc_cost_rows(gm, (x,))}
             layers = []
@@ -96,7 +117,7 @@ def run(args) -> dict:
                 dense = dense_layer(model, path, m)
                 xi = inputs[path]
                 with torch.inference_mode():
-                    t = measure({"dense": lambda: dense(xi), "dgc": lambda: m(xi)}, args.layer_repeats, inner=2)
+                    t = timer({"dense": lambda: dense(xi), "dgc": lambda: m(xi)}, args.layer_repeats, inner=2)
                 r = rows[path]
                 layers.append({"layer": path, "plan": m._fast_plan(), "input": list(xi.shape),
                                "dense_macs": r["dense_macs"], "dgc_macs": r["macs"],
@@ -131,7 +152,7 @@ def realised(t_dense: float, t_dgc: float, mac_ratio: float) -> float:
 
 def markdown(results: dict) -> str:
     cfg = results["config"]
-    lines = [f"# DGC latency ({cfg['model']}, {cfg['size']}², {cfg['threads']} thread(s), CPU"
+    lines = [f"# DGC latency ({cfg['model']}, {cfg['size']}², {cfg['threads']} thread(s), CPU, {cfg['clock']} clock"
              f"{', quick smoke run' if cfg['quick'] else ''})", "", environment_line(results["environment"]), "",
              "Times are the minimum over alternating rounds (medians in the JSON). *realised* = "
              "(1 − t_dgc/t_dense) / (1 − MACs_dgc/MACs_dense): the share of the counted saving seen "
@@ -164,8 +185,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=30, help="rounds for the whole network")
     ap.add_argument("--layer-repeats", type=int, default=40, help="rounds per layer")
+    ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                    help="wall time, or the thread's CPU time (with --threads 1, on a shared machine)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    if args.clock == "thread" and args.threads != 1:
+        ap.error("--clock thread measures one thread: use it with --threads 1")
     if args.quick:
         args.size, args.repeats, args.layer_repeats, args.ratios, args.batches = 64, 3, 3, [0.5], [1, 2]
     results = run(args)

@@ -441,7 +441,7 @@ class DynamicGroupConv2d(nn.Module):
 
     # weight-gather cost in MAC equivalents per gathered weight element (a gather and the
     # convolution's own weight re-layout), and the fixed cost of one extra conv call: heuristics
-    _GATHER_COST, _CALL_COST = 16, 2_000_000
+    _GATHER_COST, _CALL_COST = 16, 10_000_000
 
     def _cheaper(self, n: int, width: int, union_width: int, pixels: int) -> str:
         per_weight = (self.out_channels // self.heads) * self.kernel_size[0] * self.kernel_size[1]
