@@ -85,6 +85,35 @@ class Unknown:
     reason: str
 
 
+class SizeInt(int):
+    """An int read from a channel dimension's size (or computed from one): ``ids`` are the channel
+    ids whose count it reflects. Using it to shape a tensor that does not hold those channels, or
+    anywhere graphsel cannot follow, freezes them (the size would change under pruning)."""
+    ids: np.ndarray
+
+    def __new__(cls, value: int, ids: np.ndarray):
+        obj = super().__new__(cls, value)
+        obj.ids = ids
+        return obj
+
+
+def _size_ids(v: Any) -> list[np.ndarray]:
+    if isinstance(v, SizeInt):
+        return [v.ids]
+    if isinstance(v, (list, tuple)):
+        return [i for x in v for i in _size_ids(x)]
+    if isinstance(v, dict):
+        return [i for x in v.values() for i in _size_ids(x)]
+    if isinstance(v, slice):
+        return _size_ids([v.start, v.stop, v.step])
+    return []
+
+
+def _shape_of(t: "TensorVal") -> tuple:
+    """``t.shape`` with the channel dimension's size as a :class:`SizeInt`."""
+    return tuple(SizeInt(s, t.ids) if t.has_channels and d == t.dim else s for d, s in enumerate(t.shape))
+
+
 def _plain(shape) -> TensorVal:
     return TensorVal(tuple(shape), None, None)
 
@@ -152,6 +181,7 @@ class ChannelAnalysis:
         self._edges: list[np.ndarray] = []
         self._frozen: dict[int, str] = {}
         self._layout_checks: list[tuple[fx.Node, TensorVal, TensorVal]] = []
+        self._size_uses: list[tuple[fx.Node, np.ndarray, np.ndarray | None]] = []
         self.labels: np.ndarray = np.zeros(0, dtype=np.int64)
         self.n_classes = 0
         self.class_frozen: dict[int, list[str]] = {}
@@ -189,7 +219,7 @@ class ChannelAnalysis:
     def barrier(self, node: fx.Node, reason: str, args: Any) -> Unknown:
         self.barriers.append((node.name, reason))
         self.freeze_value(args, f"{reason} (node {node.name})")
-        return Unknown(reason)
+        return Unknown(reason if "(node " in reason else f"{reason} (node {node.name})")
 
     def add_slot(self, key: tuple, ids: np.ndarray, node: fx.Node) -> None:
         ids = np.asarray(ids, dtype=np.int64)
@@ -218,6 +248,11 @@ class ChannelAnalysis:
         self.labels = np.asarray(self.labels, dtype=np.int64)
         for node, x, out in self._layout_checks:
             self._check_commutes(node, x, out)
+        for node, size_ids, target_ids in self._size_uses:
+            cs = set(self.class_of(size_ids).tolist()) - {-1}
+            ct = set(self.class_of(target_ids).tolist()) if target_ids is not None else set()
+            if not cs <= ct:
+                self.freeze(size_ids, f"a channel count is used to shape other data at {_fn_name(node)} (node {node.name})")
         cf: dict[int, list[str]] = defaultdict(list)
         for i, r in self._frozen.items():
             lst = cf[int(self.labels[i])]
@@ -363,6 +398,20 @@ def _tensor_vals(v: Any) -> list[TensorVal]:
     if isinstance(v, dict):
         return [t for x in v.values() for t in _tensor_vals(x)]
     return []
+
+
+def _first_unknown(v: Any) -> str:
+    """The reason of the first Unknown in a nested value (what made it unknown)."""
+    if isinstance(v, Unknown):
+        return v.reason
+    if isinstance(v, (list, tuple)):
+        for x in v:
+            r = _first_unknown(x)
+            if r:
+                return r
+    if isinstance(v, dict):
+        return _first_unknown(list(v.values()))
+    return ""
 
 
 def _has(v: Any, cls) -> bool:
@@ -519,21 +568,43 @@ class _Analyzer:
             except Exception as e:  # noqa: BLE001 - an op we mis-modelled becomes a barrier, never a crash
                 args = self.val(node.args) if node.op != "output" else None
                 v = self.a.barrier(node, f"channel analysis failed on {_fn_name(node)}: {type(e).__name__}: {e}", args)
+            if node.op in ("call_function", "call_method", "call_module"):
+                v = self.track_sizes(node, v)
             self.a.values[node.name] = v
         self.a.finalize()
         self.a.seconds = time.perf_counter() - t0
         return self.a
+
+    def track_sizes(self, node: fx.Node, v: Any) -> Any:
+        """Follow channel counts (:class:`SizeInt`) through arithmetic and into shape ops."""
+        size_ids = _size_ids([self.val(node.args), self.val(node.kwargs)])
+        if not size_ids:
+            return v
+        ids = np.unique(np.concatenate(size_ids))
+        if node.target is operator.getitem and isinstance(self.val(node.args[0]), (tuple, list)):
+            return v                       # an element keeps (or lacks) its own channel-count tag
+        if isinstance(v, int) and not isinstance(v, bool):
+            return SizeInt(int(v), ids)
+        if isinstance(v, tuple) and all(isinstance(e, int) for e in v) and node.target is operator.getitem:
+            return v
+        first = self.val(node.args[0]) if node.args else None
+        name = node.target if node.op == "call_method" else node.target
+        is_shape = (node.op == "call_method" and name in _SHAPE_METHODS) or (node.op == "call_function" and name in _SHAPE_FUNCS) \
+            or name is operator.getitem
+        if is_shape and isinstance(first, TensorVal) and first.has_channels and not _size_ids(first):
+            self.a._size_uses.append((node, ids, first.ids))
+        elif isinstance(first, (tuple, list)) and name is operator.getitem:
+            return v
+        else:
+            self.a._size_uses.append((node, ids, None))
+        return v
 
     def visit(self, node: fx.Node) -> Any:
         if node.op == "placeholder":
             shape = self.out_shape(node)
             if shape is None:
                 return Unknown("non-tensor input")
-            if len(shape) >= 2:
-                ids = self.a.new_ids(node, shape[1])
-                self.a.freeze(ids, "model input")
-                return TensorVal(shape, 1, ids)
-            return _plain(shape)
+            return _plain(shape)      # model inputs carry no removable channels
         if node.op == "get_attr":
             shape = self.out_shape(node)
             obj = self._attr(node.target)
@@ -590,8 +661,9 @@ class _Analyzer:
         if _has(vals, Unknown):
             tv = _tensor_vals(vals)
             if any(t.has_channels for t in tv):
-                return self.a.barrier(node, f"{what} {_fn_name(node)} mixes understood and unknown values", vals)
-            return Unknown(f"{what} of unknown input")
+                self.a.barrier(node, f"{what} {_fn_name(node)} mixes channels with the output of "
+                                     f"{_first_unknown(vals)}", vals)
+            return Unknown(_first_unknown(vals))          # keep the root cause
         tvals = [t for t in _tensor_vals(vals) if t.has_channels]
         if tvals:
             return self.a.barrier(node, f"{what} {_fn_name(node)} is not understood", vals)
@@ -622,7 +694,9 @@ class _Analyzer:
                 raise _PythonOp()
             return self.unknown_op(node, operands, {}, "element-wise op")
         if any(isinstance(o, Unknown) for o in operands):
-            return self.a.barrier(node, f"{_fn_name(node)} combines channels with an unknown value", operands)
+            self.a.barrier(node, f"{_fn_name(node)} combines channels with the output of "
+                                 f"{_first_unknown(operands)}", operands)
+            return Unknown(_first_unknown(operands))
         rank = len(shape)
         out_dim = None
         chans = []
@@ -686,9 +760,26 @@ class _Analyzer:
         fargs = _map(args, conv)
         fkwargs = _map(kwargs, conv)
         out = fn(*fargs, **fkwargs)
-        return _map_results(out, lambda t: self.from_full(node, t, tvals, layout))
+        allowed = self.dynamic_size_dims(node, args, kwargs)
+        return _map_results(out, lambda t: self.from_full(node, t, tvals, layout, allowed))
 
-    def from_full(self, node: fx.Node, full: torch.Tensor, inputs: list[TensorVal], layout: bool) -> TensorVal:
+    @staticmethod
+    def dynamic_size_dims(node: fx.Node, args, kwargs) -> set[int] | None:
+        """For view/reshape/expand: the output dims whose size is computed (-1, or derived from a
+        channel count). When there are any, the channel dimension must be one of them: a literal
+        size next to a computed one would disagree after pruning."""
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if name not in ("view", "reshape", "expand", "broadcast_to"):
+            return None
+        rest = list(args[1:])
+        sizes = kwargs.get("size", kwargs.get("shape"))
+        if sizes is None:
+            sizes = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        dyn = {d for d, v in enumerate(sizes) if isinstance(v, SizeInt) or (isinstance(v, int) and v == -1 and name in ("view", "reshape"))}
+        return dyn or None
+
+    def from_full(self, node: fx.Node, full: torch.Tensor, inputs: list[TensorVal], layout: bool,
+                  allowed: set[int] | None = None) -> TensorVal:
         """Read a shape op's id tensor back: choose its channel dimension, union ids within each
         slice along it (so any removal stays rectangular), freeze what cannot be sliced."""
         shape = tuple(full.shape)
@@ -702,7 +793,7 @@ class _Analyzer:
         lines_of = [full.movedim(d, 0).reshape(shape[d], -1) for d in range(full.dim())]
         best = None
         for d, lines in enumerate(lines_of):
-            if lines.shape[1] == 0:
+            if lines.shape[1] == 0 or (allowed is not None and d not in allowed):
                 continue
             if bool((lines == lines[:, :1]).all()):
                 col = lines[:, 0]
@@ -715,20 +806,20 @@ class _Analyzer:
             d = best[1]
             if not best[0][0]:
                 same = [t.dim for t in inputs if t.has_channels and len(t.shape) == len(shape)]
-                d = same[0] if same and bool((lines_of[same[0]] == lines_of[same[0]][:, :1]).all()) else d
+                d = same[0] if same and (allowed is None or same[0] in allowed) and bool((lines_of[same[0]] == lines_of[same[0]][:, :1]).all()) else d
             ids = lines_of[d][:, 0].numpy().astype(np.int64, copy=True)
             result = TensorVal(shape, d, ids)
         else:
             # no clean channel dimension: pick the one whose slices merge the fewest ids
             cand = None
             for d, lines in enumerate(lines_of):
-                if shape[d] < 2:
+                if shape[d] < 2 or (allowed is not None and d not in allowed):
                     continue
                 merges = sum(len(torch.unique(l[l >= 0])) for l in lines) - shape[d]
                 if cand is None or (merges, -shape[d]) < cand[0]:
                     cand = ((merges, -shape[d]), d)
             if cand is None:
-                d = best[1] if best is not None else 0
+                d = best[1] if best is not None else (min(allowed) if allowed else 0)
             else:
                 d = cand[1]
             lines = lines_of[d]
@@ -969,7 +1060,7 @@ class _Analyzer:
     def attribute(self, node, x, name):
         if isinstance(x, TensorVal):
             if name == "shape":
-                return torch.Size(x.shape)
+                return _shape_of(x)
             if name == "ndim":
                 return len(x.shape)
             if name in ("dtype", "device", "is_cuda", "requires_grad"):
@@ -988,7 +1079,7 @@ class _Analyzer:
 
     def getitem(self, node, x, idx):
         if isinstance(x, (list, tuple)) and not isinstance(x, torch.Size):
-            return x[idx] if isinstance(idx, int) or isinstance(idx, slice) else Unknown("getitem")
+            return x[idx] if isinstance(idx, (int, slice)) else Unknown("getitem")
         if isinstance(x, torch.Size) or isinstance(x, (int, str, dict)):
             try:
                 return x[idx]
@@ -1106,7 +1197,8 @@ class _Analyzer:
                 shape = self_val.shape
                 if name == "size":
                     d = args[1] if len(args) > 1 else kwargs.get("dim")
-                    return torch.Size(shape) if d is None else shape[d]
+                    full = _shape_of(self_val) if isinstance(self_val, TensorVal) else tuple(shape)
+                    return full if d is None else full[d]
                 if name in ("dim", "ndimension"):
                     return len(shape)
                 if name in ("numel", "nelement"):

@@ -186,6 +186,21 @@ def _resolve(gm: fx.GraphModule, masks: ChannelMasks, analysis: ChannelAnalysis 
     return ResolvedMasks(a, removed, consumer_keep)
 
 
+def vanishing_tensors(a: ChannelAnalysis, removed: set[int]) -> list[tuple[str, np.ndarray]]:
+    """Nodes whose every channel position would be removed (name, their classes)."""
+    if not removed:
+        return []
+    rem = np.fromiter(removed, dtype=np.int64)
+    out = []
+    for name, v in a.values.items():
+        for t in (v if isinstance(v, tuple) else (v,)):
+            if isinstance(t, TensorVal) and t.has_channels and len(t.ids):
+                cls = a.class_of(t.ids)
+                if (cls >= 0).all() and np.isin(cls, rem).all():
+                    out.append((name, cls))
+    return out
+
+
 def _check_sources_survive(a: ChannelAnalysis, removed: set[int]) -> None:
     if not removed:
         return
@@ -194,6 +209,11 @@ def _check_sources_survive(a: ChannelAnalysis, removed: set[int]) -> None:
         if count and np.isin(a.labels[start:start + count], rem).all():
             raise MaskError(f"the masks remove all {count} output channels of '{a.source_name(node_name)}'; keep "
                             f"at least one channel (graphsel does not delete whole layers by masking)")
+    gone = vanishing_tensors(a, removed)
+    if gone:
+        name, cls = gone[0]
+        raise MaskError(f"the masks remove every channel of node '{name}' ({len(cls)} channels, e.g. one piece of a "
+                        f"split); keep at least one of them")
 
 
 def dead_classes(resolved: ResolvedMasks) -> set[int]:

@@ -21,7 +21,7 @@ import numpy as np
 import torch.fx as fx
 
 from graphsel import Contract, Diagnostic, Pass, PassResult, register_pass
-from graphsel.masks import ChannelMasks, dead_classes, removal_positions, resolve_masks
+from graphsel.masks import ChannelMasks, dead_classes, removal_positions, resolve_masks, vanishing_tensors
 from graphsel.meta import graphsel_meta
 
 
@@ -30,17 +30,18 @@ def fold(gm: fx.GraphModule, analysis) -> tuple[ChannelMasks, dict]:
     masks = graphsel_meta(gm).masks
     res = resolve_masks(gm, masks, analysis)
     dead = dead_classes(res)
-    # never let liveness remove the last channels of a source
+    # never let liveness remove the last channels of a source or of any tensor
     a = res.analysis
     kept_dead = set(dead)
-    for node_name, (start, count) in a.sources.items():
-        labels = set(a.labels[start:start + count].tolist())
-        if labels and labels <= (res.removed_classes | kept_dead) and not labels <= res.removed_classes:
-            kept_dead -= labels
+    while kept_dead:
+        gone = vanishing_tensors(a, res.removed_classes | kept_dead)
+        if not gone:
+            break
+        for _, cls in gone:
+            kept_dead -= set(cls.tolist())
     removed = res.removed_classes | kept_dead
     canonical = ChannelMasks(removed=removal_positions(a, removed))
     remaining = 0
-    readers = {r.node: r for r in a.readers}
     for mod, positions in masks.consumer.items():
         keep_positions = set()
         for r in (r for r in a.readers if r.module == mod and r.node in res.consumer_keep):

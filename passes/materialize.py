@@ -35,6 +35,8 @@ from graphsel.channels import ChannelAnalysis, ParamVal, TensorVal, analyze_chan
 from graphsel.graph_utils import add_module, call_count, delete_unused_modules, replace_module
 from graphsel.masks import ChannelMasks, clear_masks, resolve_masks
 from graphsel.meta import graphsel_meta
+from graphsel.shapes import propagate_shapes
+from graphsel.tracing import example_inputs_of
 from graphsel.slicing import slice_conv, slice_linear, slice_per_channel, slice_tensor
 
 from .fold_masks import fold
@@ -78,7 +80,10 @@ class _Materializer:
                         whole[cls == c] = False
                 partial = masked & ~whole
                 m = self.gm.get_submodule(mod)
-                if whole.any() and len(nodes) == 1 and self._gather(node, m, a, np.flatnonzero(~whole)):
+                globally_removed = np.isin(cls, removed_ids)
+                survivors = ~whole & ~globally_removed
+                if whole.any() and survivors.any() and len(nodes) == 1 and \
+                        self._gather(node, m, a, np.flatnonzero(~whole)):
                     m = self.gm.get_submodule(mod)
                     keep_idx = np.flatnonzero(~whole)
                     partial = partial[keep_idx]
@@ -264,9 +269,7 @@ class _Materializer:
         for i, (o, s) in enumerate(zip(old, new_shape)):
             if isinstance(o, int) and o != -1 and o != s:
                 merged.append(s)
-            elif isinstance(o, fx.Node) and i == out.dim and new_shape[i] != out.shape[i]:
-                merged.append(s)
-            else:
+            else:       # -1, or a size computed at run time (the analysis checked it follows the channels)
                 merged.append(o)
         return tuple(merged)
 
@@ -415,7 +418,12 @@ class Materialize(Pass):
         if masks.consumer:
             mat.discharge_consumer_masks(a, masks)
             gm.recompile()
-            a2 = analyze_channels(gm)
+            if mat.stats["gathers"]:
+                inputs = ctx.example_inputs if ctx.example_inputs is not None else example_inputs_of(gm)
+                propagate_shapes(gm, inputs)         # the gathers changed shapes downstream of them
+                a2 = analyze_channels(gm)
+            else:
+                a2 = a
         else:
             a2 = a
         removed_ids = mat._removed_ids(a2, masks.removed)

@@ -1,0 +1,258 @@
+"""Masks, the oracle, Prune, FoldMasks and Materialize.
+
+Properties over the Hypothesis architectures: random group masks on every prunable group and
+random consumer masks on random readers — the materialised graph equals the mask oracle; with
+masks that keep everything, it equals the original model.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import graphsel
+from graphsel.channels import analyze_channels
+from graphsel.masks import add_consumer_mask, add_group_mask, get_masks, oracle_forward, removal_positions, resolve_masks
+from graphsel.tracing import example_inputs_of
+from graphsel.passes.prune import relu_gaussian_mean
+from strategies import architectures
+
+
+def random_masks(gm, rng: random.Random, p_group: float = 0.8, p_consumer: float = 0.4) -> int:
+    """Random removals on prunable groups (never all of a group) and random consumer masks.
+    Returns the number of classes removed. Mask sets that leave some tensor without channels
+    (a legitimate MaskError, tested separately) are rejected with ``assume``."""
+    a = analyze_channels(gm)
+    removed = set()
+    for g in a.groups:
+        if g.prunable and rng.random() < p_group:
+            k = rng.randint(1, len(g.prunable_classes) - 1)
+            removed.update(rng.sample(g.prunable_classes, k))
+    for src, pos in removal_positions(a, removed).items():
+        add_group_mask(gm, src, pos)
+    for r in a.readers:
+        if r.kind in ("conv_in", "linear_in") and r.module and rng.random() < p_consumer:
+            m = gm.get_submodule(r.module)
+            if getattr(m, "groups", 1) != 1:
+                continue
+            n = len(r.ids)
+            add_consumer_mask(gm, r.module, rng.sample(range(n), rng.randint(1, max(1, n // 2))))
+    try:
+        resolve_masks(gm)
+    except graphsel.MaskError as e:
+        assume("every channel" not in str(e) and "all " not in str(e))
+        raise
+    return len(removed)
+
+
+def param_count(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@settings(max_examples=60)
+@given(arch=architectures(), seed=st.integers(0, 2**31 - 1))
+def test_materialize_equals_the_oracle_for_random_masks(arch, seed):
+    model = arch.build()
+    x = arch.example_inputs()
+    gm = graphsel.trace(model, x)
+    random_masks(gm, random.Random(seed))
+    with torch.no_grad():
+        ref = oracle_forward(gm, x)
+    slim = graphsel.transform(gm, ["fold_masks", "materialize"], verify=True)
+    with torch.no_grad():
+        got = slim(*x)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert not graphsel.graphsel_meta(slim).masks
+    assert param_count(slim) <= param_count(model)
+
+
+@settings(max_examples=40)
+@given(arch=architectures())
+def test_masks_that_keep_everything_give_back_the_original_function(arch):
+    model = arch.build()
+    x = arch.example_inputs()
+    slim = graphsel.transform(model, [("prune", {"ratio": 0.0}), "fold_masks", "materialize"], x, verify=False)
+    with torch.no_grad():
+        torch.testing.assert_close(slim(*x), model(*x), rtol=1e-5, atol=1e-6)
+    assert param_count(slim) == param_count(model)
+
+
+@settings(max_examples=30)
+@given(arch=architectures(), ratio=st.sampled_from([0.3, 0.5, 0.7]),
+       criterion=st.sampled_from(["l1", "bn_gamma", "ecdm"]), scope=st.sampled_from(["global", "uniform"]))
+def test_prune_fold_materialize_pipeline_is_verified_and_smaller(arch, ratio, criterion, scope):
+    model = arch.build()
+    x = arch.example_inputs()
+    gm = graphsel.transform(model, [("prune", {"ratio": ratio, "criterion": criterion, "scope": scope}),
+                                    "fold_masks", "materialize"], x)
+    hist = graphsel.graphsel_meta(gm).history
+    assert [r.name for r in hist] == ["prune", "fold_masks", "materialize"]
+    removed = hist[0].stats.get("classes_removed", 0)
+    if removed:
+        assert param_count(gm) < param_count(model)
+    assert hist[2].max_abs is not None and hist[2].max_abs <= hist[2].tolerance
+
+
+def test_densenet_consumer_mask_becomes_a_gather_before_the_units_own_batchnorm():
+    tv = pytest.importorskip("torchvision")
+    model = tv.models.densenet121().eval()
+    x = torch.randn(1, 3, 64, 64)
+    gm = graphsel.trace(model, x)
+    # unit 3 of block 1 stops reading the first 8 channels of the stem; unit 4 still reads them
+    add_consumer_mask(gm, "features.denseblock1.denselayer3.conv1", range(8))
+    with torch.no_grad():
+        ref = oracle_forward(gm, (x,))
+    slim = graphsel.transform(gm, ["fold_masks", "materialize"])
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), ref)
+    nodes = list(slim.graph.nodes)
+    gather = [n for n in nodes if n.target is torch.index_select]
+    assert len(gather) == 1
+    (user,) = gather[0].users
+    assert user.target == "features.denseblock1.denselayer3.norm1"      # before the unit's own BN
+    assert slim.get_submodule("features.denseblock1.denselayer3.norm1").num_features == 64 + 2 * 32 - 8
+    assert slim.get_submodule("features.denseblock1.denselayer4.norm1").num_features == 64 + 3 * 32
+
+
+def test_channel_nobody_reads_is_removed_with_its_producer_filter():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    gm = graphsel.trace(model, x)
+    add_consumer_mask(gm, "3", [1, 5])
+    folded = graphsel.transform(gm, ["fold_masks"])
+    assert get_masks(folded).removed == {"0": {1, 5}} and not get_masks(folded).consumer
+    slim = graphsel.transform(folded, ["materialize"])
+    assert slim.get_submodule("0").out_channels == 6 and slim.get_submodule("1").num_features == 6
+    assert slim.get_submodule("3").in_channels == 6
+
+
+def test_flatten_block_partially_masked_zeroes_columns_exactly():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 4 * 4, 5)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.conv(x), 4), 1))
+
+    model = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = graphsel.trace(model, x)
+    add_consumer_mask(gm, "fc", [0, 1, 2, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31])
+    with torch.no_grad():
+        ref = oracle_forward(gm, (x,))
+    slim = graphsel.transform(gm, ["fold_masks", "materialize"])
+    # channel 1 (features 16..31) is entirely unread: removed; channel 0 partially: zero columns
+    assert slim.get_submodule("conv").out_channels == 3 and slim.get_submodule("fc").in_features == 48
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), ref)
+
+
+def test_prune_round_to_keeps_multiples():
+    tv = pytest.importorskip("torchvision")
+    model = tv.models.resnet18().eval()
+    gm = graphsel.transform(model, [("prune", {"ratio": 0.4, "round_to": 8}), "fold_masks", "materialize"],
+                            torch.randn(1, 3, 64, 64))
+    for name, m in gm.named_modules():
+        if isinstance(m, nn.Conv2d) and name != "conv1":
+            assert m.out_channels % 8 == 0, (name, m.out_channels)
+
+
+def test_prune_target_macs_reaches_the_target():
+    tv = pytest.importorskip("torchvision")
+    model = tv.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    before = graphsel.cost(model, x).macs
+    gm = graphsel.transform(model, [("prune", {"target_macs": 0.5}), "fold_masks", "materialize"], x)
+    after = graphsel.cost(gm, x).macs
+    assert after <= 0.5 * before * 1.02 and after >= 0.3 * before
+
+
+def test_relu_gaussian_mean_matches_monte_carlo():
+    g = torch.Generator().manual_seed(0)
+    beta = torch.tensor([-1.0, -0.2, 0.0, 0.5, 2.0])
+    gamma = torch.tensor([0.5, 1.0, 2.0, -0.7, 0.3])
+    samples = beta.double() + gamma.double() * torch.randn(2_000_000, 5, generator=g, dtype=torch.float64)
+    mc = samples.clamp_min(0).mean(0)
+    formula = relu_gaussian_mean(beta, gamma)
+    assert torch.allclose(formula, mc, rtol=0.01)
+    assert relu_gaussian_mean(torch.tensor([0.3, -0.3]), torch.tensor([0.0, 0.0])).tolist() == [pytest.approx(0.3), 0.0]
+
+
+# -- bad input --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, "half", True])
+def test_prune_rejects_ratios_outside_0_1(ratio):
+    with pytest.raises(ValueError, match="ratio"):
+        graphsel.resolve_pass(("prune", {"ratio": ratio}))
+
+
+def test_prune_rejects_unknown_criterion():
+    with pytest.raises(ValueError, match="criterion.*l1"):
+        graphsel.resolve_pass(("prune", {"criterion": "magic"}))
+
+
+def _residual_gm():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 8, 3, padding=1)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            z = self.b(y)
+            t = z.flatten(2).transpose(1, 2)
+            z = z + self.mha(t, t, t, need_weights=False)[0].transpose(1, 2).reshape(z.shape)
+            return self.head(y + z)
+
+    x = torch.randn(1, 3, 6, 6)
+    return graphsel.trace(Net().eval(), x)
+
+
+def test_mask_on_a_frozen_group_names_the_barrier():
+    gm = _residual_gm()
+    add_group_mask(gm, "a", [0])
+    with pytest.raises(graphsel.MaskError, match="frozen.*MultiheadAttention"):
+        graphsel.transform(gm, ["fold_masks"])
+
+
+def test_mask_removing_every_channel_is_an_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    gm = graphsel.trace(model, torch.randn(1, 3, 8, 8))
+    add_group_mask(gm, "0", range(4))
+    with pytest.raises(graphsel.MaskError, match="all 4 output channels of '0'"):
+        graphsel.transform(gm, ["materialize"])
+
+
+def test_mask_on_unknown_module_suggests_a_name():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    gm = graphsel.trace(model, torch.randn(1, 3, 8, 8))
+    add_consumer_mask(gm, "3", [0])
+    with pytest.raises(graphsel.MaskError, match="Did you mean '2'"):
+        graphsel.transform(gm, ["fold_masks"])
+
+
+def test_mask_positions_out_of_range_and_of_wrong_type():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    gm = graphsel.trace(model, torch.randn(1, 3, 8, 8))
+    with pytest.raises(TypeError, match="integers"):
+        add_group_mask(gm, "0", [0.5])
+    add_group_mask(gm, "0", [7])
+    with pytest.raises(graphsel.MaskError, match="valid: 0..3"):
+        graphsel.transform(gm, ["materialize"])
+
+
+def test_materialize_without_masks_is_a_reported_no_op():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    gm = graphsel.transform(model, ["materialize"], torch.randn(1, 3, 8, 8))
+    rec = graphsel.graphsel_meta(gm).history[0]
+    assert not rec.modified and any("nothing to materialize" in d.message for d in rec.diagnostics)
