@@ -15,7 +15,8 @@ state              shape        init     meaning
 
 Forward: ``x'[:, i] = shift(x[:, source[i]], shift[i])`` for slots with a source (bilinear,
 replicate borders, :mod:`.shift`), ``x'[:, i] = x[:, i]`` otherwise; ``h = ReLU(BN(x'))``;
-``h = dropout(h)``; ``h *= is_open``; ``y = conv(h)``. With the initial state it computes
+``h = dropout(h)``; ``h *= is_open``; ``y = conv(h)`` (computed as a conv with the closed slots'
+weight columns masked, which is the same and cheaper than masking the activation). With the initial state it computes
 exactly the chain it replaced.
 
 Options kept on the module: ``K`` (re-allocation fan-in: 3 for 1×1 convs, 0 otherwise by
@@ -98,6 +99,7 @@ class SelectiveConv2d(nn.Module):
         self._replica_sources: torch.Tensor | None = None
         self._any_closed = False
         self._synced_with: tuple | None = None
+        self._plain_conv = type(conv).forward is nn.Conv2d.forward
         self.register_load_state_dict_post_hook(_resync_after_load)
         self.sync()
 
@@ -151,12 +153,15 @@ class SelectiveConv2d(nn.Module):
             copies = bilinear_shift(x.index_select(1, self._replica_sources),
                                     self.shift.index_select(0, self._replica_slots))
             x = x.index_copy(1, self._replica_slots, copies)
-        h = F.relu(self.bn(x))
+        h = F.relu(self.bn(x), inplace=True)  # the BN output is a fresh tensor read only here
         if self.dropout is not None:
             h = self.dropout(h)
-        if self._any_closed:
-            h = h * self.is_open.to(h.dtype).view(1, -1, 1, 1)
-        return self.conv(h)
+        if not self._any_closed:
+            return self.conv(h)
+        gate = self.is_open.to(h.dtype)
+        if self._plain_conv:  # conv(h ⊙ gate) = conv(h; W ⊙ gate): mask the (small) weight, not h
+            return self.conv._conv_forward(h, self.conv.weight * gate.view(1, -1, 1, 1), self.conv.bias)
+        return self.conv(h * gate.view(1, -1, 1, 1))
 
     # -- state dict -----------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

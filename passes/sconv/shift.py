@@ -25,8 +25,9 @@ import torch.nn.functional as F
 def bilinear_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Shift each channel of ``x`` (N×S×H×W) by ``shift[s] = (b_x, b_y)`` pixels (S×2), see the
     module docstring for the convention. One ``grid_sample`` call (bilinear, border padding,
-    ``align_corners=True``) over the channels folded into the batch; the grid is built in pixel
-    units, so the shift is ``b`` pixels along each axis whatever the map's aspect ratio."""
+    ``align_corners=True``) with the channels as its batch (one grid per channel, shared by the N
+    samples); the grid is built in pixel units, so the shift is ``b`` pixels along each axis whatever
+    the map's aspect ratio."""
     if x.dim() != 4:
         raise ValueError(f"bilinear_shift expects an N×C×H×W tensor, got shape {tuple(x.shape)}")
     n, s, h, w = x.shape
@@ -38,10 +39,8 @@ def bilinear_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     gx = (torch.arange(w, device=x.device, dtype=x.dtype).unsqueeze(0) + b[:, 0:1]) * (2.0 / max(w - 1, 1)) - 1.0
     gy = (torch.arange(h, device=x.device, dtype=x.dtype).unsqueeze(0) + b[:, 1:2]) * (2.0 / max(h - 1, 1)) - 1.0
     grid = torch.stack((gx.unsqueeze(1).expand(s, h, w), gy.unsqueeze(2).expand(s, h, w)), dim=-1)
-    grid = grid.unsqueeze(0).expand(n, s, h, w, 2).reshape(n * s, h, w, 2)
-    out = F.grid_sample(x.reshape(n * s, 1, h, w), grid, mode="bilinear", padding_mode="border",
-                        align_corners=True)
-    return out.view(n, s, h, w)
+    out = F.grid_sample(x.transpose(0, 1), grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return out.transpose(0, 1)
 
 
 def _taps(b: float) -> tuple[int, float]:
