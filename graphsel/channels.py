@@ -129,6 +129,7 @@ class Reader:
     kind: str                # "conv_in", "linear_in", "reduce", "broadcast", "select"
     ids: np.ndarray          # id at each input position along the read dimension
     module: str | None = None
+    keeps_channels: bool = False   # a "reduce" reader whose output keeps the channel dim (norms, softmax)
 
 
 @dataclass
@@ -952,12 +953,12 @@ class _Analyzer:
             return v
         g, c = m.num_groups, m.num_channels
         if g == 1:
-            self.a.readers.append(Reader(node.name, "reduce", v.ids, path))
+            self.a.readers.append(Reader(node.name, "reduce", v.ids, path, keeps_channels=True))
         elif g != c:
             blocks = v.ids.reshape(g, c // g)
             for k in range(1, c // g):
                 self.a.union(blocks[:, 0], blocks[:, k])
-            self.a.readers.append(Reader(node.name, "reduce", v.ids, path))
+            self.a.readers.append(Reader(node.name, "reduce", v.ids, path, keeps_channels=True))
         if m.affine:
             self.a.add_slot(("module", path, "chan"), v.ids, node)
         return v
@@ -971,7 +972,7 @@ class _Analyzer:
             return self.carry(node, x)            # normalises over non-channel dims only
         if nd != 1:
             return self.a.barrier(node, f"LayerNorm '{path}' normalises over channels and other dimensions", x)
-        self.a.readers.append(Reader(node.name, "reduce", x.ids, path))
+        self.a.readers.append(Reader(node.name, "reduce", x.ids, path, keeps_channels=True))
         if m.elementwise_affine:
             self.a.add_slot(("module", path, "chan"), x.ids, node)
         return TensorVal(self.out_shape(node) or x.shape, x.dim, x.ids)
@@ -980,7 +981,7 @@ class _Analyzer:
         if not (isinstance(x, TensorVal) and x.has_channels) or dim is None:
             return self.carry(node, x) if dim is not None else self.a.barrier(node, "softmax without dim", x)
         if _norm_dim(dim, len(x.shape)) == x.dim:
-            self.a.readers.append(Reader(node.name, "reduce", x.ids))
+            self.a.readers.append(Reader(node.name, "reduce", x.ids, keeps_channels=True))
         return self.carry(node, x)
 
     def spatial(self, node, x):
@@ -1176,7 +1177,7 @@ class _Analyzer:
             return self.carry(node, x)
         if nd != 1 or any(isinstance(p, (TensorVal, Unknown)) for p in (weight, bias)):
             return self.a.barrier(node, "layer_norm over channels and other dimensions", [args, kwargs])
-        self.a.readers.append(Reader(node.name, "reduce", x.ids))
+        self.a.readers.append(Reader(node.name, "reduce", x.ids, keeps_channels=True))
         for p in (weight, bias):
             if isinstance(p, ParamVal):
                 self.a.add_slot(("param", p.target, 0), x.ids, node)

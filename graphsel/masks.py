@@ -263,7 +263,7 @@ class OracleInterpreter(fx.Interpreter):
         self.captured: dict[str, torch.Tensor] = {}
         a = resolved.analysis
         self.zero: dict[str, tuple[int, torch.Tensor]] = {}
-        self.reduce: dict[str, tuple[int, torch.Tensor]] = {}
+        self.reduce: dict[str, tuple[int, torch.Tensor, bool]] = {}
         self.consumer: dict[str, tuple[int, torch.Tensor]] = {}
         if resolved.removed_classes:
             for name, v in a.values.items():
@@ -279,7 +279,7 @@ class OracleInterpreter(fx.Interpreter):
                     if isinstance(x, TensorVal) and x.has_channels:
                         keep = resolved.keep_of(x)
                         if not keep.all():
-                            self.reduce[r.node] = (x.dim, torch.from_numpy(np.flatnonzero(keep)))
+                            self.reduce[r.node] = (x.dim, torch.from_numpy(np.flatnonzero(keep)), r.keeps_channels)
         for r in a.readers:
             if r.node in resolved.consumer_keep:
                 dim = 1 if r.kind == "conv_in" else -1
@@ -310,7 +310,7 @@ class OracleInterpreter(fx.Interpreter):
             self.captured[n.name] = out.detach()
         return out
 
-    def _run_on_kept(self, n: fx.Node, dim: int, keep: torch.Tensor):
+    def _run_on_kept(self, n: fx.Node, dim: int, keep: torch.Tensor, keeps_channels: bool):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         x = args[0]
         c = x.shape[dim]
@@ -339,7 +339,7 @@ class OracleInterpreter(fx.Interpreter):
                 out = n.target(xk, *rest, **kw)
             else:
                 out = getattr(xk, n.target)(*rest, **kw)
-        if isinstance(out, torch.Tensor) and out.dim() == x.dim() and out.shape[dim] == k and k != c:
+        if keeps_channels and isinstance(out, torch.Tensor) and out.dim() == x.dim() and out.shape[dim] == k:
             full_shape = list(out.shape)
             full_shape[dim] = c
             full = out.new_zeros(full_shape)
