@@ -405,7 +405,11 @@ def _run_artefact(result: ExportResult, inputs: tuple) -> list[torch.Tensor]:
         except ImportError as e:
             raise ExportError("checking an ONNX export needs onnxruntime: pip install onnxruntime "
                               "(or pass check=False)") from e
-        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-waiting threads
+        sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         names = [i.name for i in sess.get_inputs()]
         feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
         result.checked_with = "onnxruntime"
