@@ -77,7 +77,9 @@ def to_markdown(results: list[dict], env: dict) -> str:
                      f"{m['fuse_bn_verify']:.3f}", f"{r['fused']} / {r['skipped']}", f"{r['max_abs_deviation']:.1e}"])
     lines = ["# Core timings", "",
              f"Median of {results[0]['repeats']} runs, wall clock; torch {env['torch']}, torchvision "
-             f"{env['torchvision']}, {env['threads']} thread(s), {env['machine']}. Random-init models in eval "
+             f"{env['torchvision']}, {env['threads']} thread(s), {env['machine']} (1-min load average "
+             f"{env['load_average_1min_at_end']} at the end: other processes inflate these numbers). "
+             f"Random-init models in eval "
              f"mode. `transform` includes tracing, the pass, lint, shape propagation and verification on the "
              f"example input plus 2 random inputs.", "",
              tabulate(rows, headers=head, tablefmt="github"), ""]
@@ -107,6 +109,7 @@ def main(argv=None) -> int:
     env = {"torch": torch.__version__, "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
            "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cpus",
            "python": sys.version.split()[0], "quick": args.quick,
+           "load_average_1min_at_end": round(os.getloadavg()[0], 2),
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     with open(os.path.join(out_dir, "core_timings.json"), "w") as f:
         json.dump({"env": env, "results": results}, f, indent=2)
