@@ -83,6 +83,11 @@ class Pass:
 
     name: ClassVar[str] = ""
     contract: ClassVar[Contract] = Contract.EXACT
+    #: The pipeline hands a pass a copy of the graph whose parameter and buffer tensors are
+    #: shared with the previous graph: a pass replaces tensors (``module.weight = nn.Parameter(...)``,
+    #: new modules) and never edits them in place. A pass that must edit tensors in place sets this
+    #: to True and gets a full deep copy.
+    inplace_tensors: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         self._options = dict(options)

@@ -64,11 +64,32 @@ def _cost_pair(gm: fx.GraphModule, ctx: PassContext) -> tuple[int | None, int | 
         return sum(p.numel() for p in gm.parameters()), None
 
 
+def copy_for_pass(gm: fx.GraphModule, p: Pass) -> fx.GraphModule:
+    """The copy a pass works on: graph, modules and metadata are copied; parameter and buffer
+    tensors are shared (copy-on-write: passes replace tensors rather than editing them, which
+    the pipeline checks with tensor version counters) unless the pass sets ``inplace_tensors``."""
+    if p.inplace_tensors:
+        return copy.deepcopy(gm)
+    memo: dict[int, object] = {}
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        memo[id(t)] = t
+    return copy.deepcopy(gm, memo)
+
+
+def _tensor_versions(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, int]]:
+    out = {name: (t, t._version) for name, t in gm.named_parameters()}
+    out.update({name: (t, t._version) for name, t in gm.named_buffers()})
+    return out
+
+
 def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = True,
              reference: list[list[torch.Tensor]] | None = None, rtol: float | None = None,
              atol: float | None = None) -> tuple[fx.GraphModule, PassRecord, list[list[torch.Tensor]] | None]:
     """Run one pass on a copy of ``gm`` with all checks; returns (new gm, history row, new reference outputs)."""
-    work = copy.deepcopy(gm)
+    if verify and reference is None and ctx.verify_inputs():
+        reference = [reference_forward(gm, x) for x in ctx.verify_inputs()]
+    work = copy_for_pass(gm, p)
+    versions = {} if p.inplace_tensors else _tensor_versions(gm)
     names_before = {n.name for n in gm.graph.nodes}
     params_before, macs_before = _cost_pair(gm, ctx)
     t0 = time.perf_counter()
@@ -79,6 +100,11 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
     except Exception as e:  # noqa: BLE001
         raise PassError(p.name, f"failed with {type(e).__name__}: {e}") from e
     seconds = time.perf_counter() - t0
+    changed = [name for name, (t, v) in versions.items() if t._version != v]
+    if changed:
+        raise PassError(p.name, f"modified tensor '{changed[0]}' in place ({len(changed)} tensor(s)); passes share "
+                                f"tensors with the previous graph and must replace them (copy-on-write), or set "
+                                f"`inplace_tensors = True` on the pass class to get a deep copy")
     if not isinstance(result, PassResult):
         raise PassError(p.name, f"returned {type(result).__name__}, not a graphsel.PassResult")
     new = result.gm

@@ -105,8 +105,9 @@ class _Materializer:
         return np.asarray(sorted(set(cls)), dtype=np.int64)
 
     def _zero_columns(self, m: nn.Module, cols: np.ndarray) -> None:
-        with torch.no_grad():
-            m.weight[:, torch.from_numpy(cols)] = 0
+        w = m.weight.detach().clone()
+        w[:, torch.from_numpy(cols)] = 0
+        m.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)    # copy-on-write
         self.stats["zeroed_columns"] += len(cols)
 
     def _is_chain_op(self, n: fx.Node) -> bool:

@@ -53,6 +53,7 @@ class ScaleWeight(Pass):
     """Multiplies one module's weight: changes the function (a wrong pass when declared exact)."""
     name = "scale_weight"
     contract = Contract.EXACT
+    inplace_tensors = True      # edits a weight in place: asks the pipeline for a deep copy
 
     def __init__(self, target: str = "conv1", factor: float = 1.5):
         super().__init__(target=target, factor=factor)
@@ -68,6 +69,7 @@ class NudgeBias(Pass):
     """Adds ``delta`` to the classifier bias: output moves by exactly ``delta``; states ``bound``."""
     name = "nudge_bias"
     contract = Contract.APPROXIMATE
+    inplace_tensors = True
 
     def __init__(self, delta: float = 1e-2, bound: float | None = None):
         super().__init__(delta=delta, bound=bound)
@@ -379,3 +381,20 @@ def test_pass_objects_are_callable_without_a_pipeline():
     assert isinstance(result, PassResult) and result.modified and result.stats["fused"] == 2
     assert isinstance(result.gm, fx.GraphModule)
     assert repr(ScaleWeight(factor=2.0)) == "ScaleWeight(target='conv1', factor=2.0)"
+
+
+class InPlaceWithoutSaying(ScaleWeight):
+    """The same edit without declaring it: the pipeline's tensor version check must catch it."""
+    name = "scale_weight_silently"
+    inplace_tensors = False
+
+
+def test_in_place_tensor_edit_without_declaring_it_is_caught_and_the_input_survives():
+    model = make_net()
+    snap = model_snapshot(model)
+    gm = graphsel.trace(model, X)
+    before = gm.get_submodule("conv1").weight.detach().clone()
+    with pytest.raises(PassError, match="modified tensor 'conv1.weight' in place"):
+        graphsel.transform(gm, [InPlaceWithoutSaying()], X)
+    assert torch.equal(gm.get_submodule("conv1").weight, before)     # the input GraphModule is deep-copied first
+    assert_model_unchanged(model, snap)
