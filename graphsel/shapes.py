@@ -1,6 +1,9 @@
 """Shape propagation: run the graph once on example inputs and record each node's tensor metadata."""
 from __future__ import annotations
 
+import contextlib
+import io
+
 import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
@@ -38,7 +41,9 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     prop = _TrackingShapeProp(gm)
     try:
         with torch.no_grad():
-            prop.propagate(*example_inputs)
+            # torch's ShapeProp prints a traceback before re-raising; the error we raise says it all
+            with contextlib.redirect_stderr(io.StringIO()):
+                prop.propagate(*example_inputs)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         cause = e
         while cause.__cause__ is not None and str(cause).startswith("ShapeProp error"):
