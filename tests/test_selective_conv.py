@@ -589,3 +589,21 @@ def test_cost_counts_the_selective_conv_like_its_conv():
     plain = graphsel.cost(model, x)
     gm = graphsel.transform(model, ["insert_selective_conv"], x)
     assert graphsel.cost(gm).macs == plain.macs
+
+
+@pytest.mark.parametrize("affine,track", [(False, True), (True, False), (False, False)])
+def test_batchnorm_variants_insert_and_lower_exactly(affine, track):
+    model = PreAct(k=1, cin=6, cout=4)
+    model.bn = nn.BatchNorm2d(6, affine=affine, track_running_stats=track)
+    if track:
+        fresh = random_bn(6, torch.Generator().manual_seed(2))
+        model.bn.running_mean.copy_(fresh.running_mean)
+        model.bn.running_var.copy_(fresh.running_var)
+    model.eval()
+    x = torch.randn(3, 6, 5, 7)
+    gm = graphsel.transform(model, ["insert_selective_conv"], x)
+    randomize_state(gm, torch.Generator().manual_seed(1), p_closed=0.3, p_copy=0.5)
+    assert selective_modules(gm)[0][1].replica_slots()
+    low = run_pass(LowerSelectiveConv(), gm)
+    torch.testing.assert_close(low(x), gm(x))
+    assert float(expected_activation(gm.get_submodule("conv").bn).min()) >= 0

@@ -22,10 +22,14 @@ and, when nothing else reads them, the producers' filters. Without copies the lo
 ``BN → ReLU → [Dropout] → Conv`` with the zeroed columns and the mask. The BN (and a dropout
 module) go back to their original paths when free.
 
-Selective kernel expansion (merging a copy into its source slot as a larger kernel) is not
-done: the copy passes through its own BN and ReLU before the conv, and ``ReLU(BN_r(shift_b x))``
-equals ``shift_b(ReLU(BN_s x))`` only for integer shifts with identical BN entries, which training
-does not preserve; gather + shift is exact in every case.
+Selective kernel expansion (merging a copy into its source slot as a larger kernel,
+``conv(h_r; W_r) + conv(shift_b h_r; W_i) = conv(h_r; W_r + shift_{−b} W_i)``) is not done, because
+the cost model and the border semantics never allow it for trained states: (1) the copy passes
+through its own BN and ReLU, and ``ReLU(BN_i(shift_b x_r)) = shift_b(ReLU(BN_r x_r))`` holds only for
+integer shifts with identical BN entries, which training does not keep; (2) the shift replicates
+border pixels while the conv zero-pads, so even then the merge is exact only in the interior;
+(3) copies live in 1×1 convs (K > 0 by default), where merging turns ``C + S`` MACs per output
+pixel into ``C·(2r+1)²`` — never cheaper. Gather + shift is exact in every case.
 """
 from __future__ import annotations
 
@@ -55,25 +59,22 @@ def _record_consumer_mask(gm: fx.GraphModule, consumer: str, removed: list[int])
 
 
 def _free_path(gm: fx.GraphModule, preferred: str | None, fallback: str) -> str:
-    if preferred:
-        return unique_module_path(gm, preferred)
-    return unique_module_path(gm, fallback)
+    """``preferred`` (the module's path before insertion) when free, else a fresh path near it."""
+    return unique_module_path(gm, preferred or fallback)
 
 
-def _expanded_bn(bn: nn.BatchNorm2d, extra: list[int]) -> nn.BatchNorm2d:
+def _expanded_bn(bn: nn.BatchNorm2d, extra: list[int], like: torch.Tensor) -> nn.BatchNorm2d:
+    """``bn`` with the entries of channels ``extra`` appended (a copy slot gets its own BN entry)."""
     if not extra:
         return copy.deepcopy(bn)
-    idx = torch.tensor(extra, dtype=torch.long, device=bn.running_mean.device if bn.running_mean is not None
-                       else bn.weight.device)
-    ref = bn.weight if bn.weight is not None else bn.running_mean
+    idx = torch.tensor(extra, dtype=torch.long, device=like.device)
     new = nn.BatchNorm2d(bn.num_features + len(extra), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                         track_running_stats=bn.track_running_stats,
-                         device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None)
+                         track_running_stats=bn.track_running_stats, device=like.device, dtype=like.dtype)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
             old = getattr(bn, name)
             if old is not None:
-                getattr(new, name).copy_(torch.cat([old, old.index_select(0, idx)]))
+                getattr(new, name).copy_(torch.cat([old, old.index_select(0, idx.to(old.device))]))
         if bn.num_batches_tracked is not None:
             new.num_batches_tracked.copy_(bn.num_batches_tracked)
     new.train(bn.training)
@@ -121,7 +122,7 @@ def lower_node(gm: fx.GraphModule, node: fx.Node) -> dict[str, int]:
     removed = [i for i in range(c) if not (is_open[i] and source[i] < 0)]
     origin = m.origin
 
-    bn = _expanded_bn(m.bn, copies)
+    bn = _expanded_bn(m.bn, copies, m.conv.weight)
     conv = _expanded_conv(m.conv, own, copies)
     graph = gm.graph
     shift_mod = None

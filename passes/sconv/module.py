@@ -16,8 +16,14 @@ state              shape        init     meaning
 Forward: ``x'[:, i] = shift(x[:, source[i]], shift[i])`` for slots with a source (bilinear,
 replicate borders, :mod:`.shift`), ``x'[:, i] = x[:, i]`` otherwise; ``h = ReLU(BN(x'))``;
 ``h = dropout(h)``; ``h *= is_open``; ``y = conv(h)`` (computed as a conv with the closed slots'
-weight columns masked, which is the same and cheaper than masking the activation). With the initial state it computes
-exactly the chain it replaced.
+weight columns masked: the same, and cheaper than masking the activation). With the initial state
+it computes exactly the chain it replaced.
+
+The forward keeps the open/copy slot indices in Python-side caches, refreshed by dealloc/realloc,
+by ``load_state_dict`` and, in eager mode, whenever ``source`` / ``is_open`` were edited in place.
+Under ``torch.compile`` Dynamo guards on those caches, so a state change (once per epoch in the
+first half of training) recompiles the frame instead of running a stale graph (checked with the
+eager, aot_eager and inductor backends).
 
 Options kept on the module: ``K`` (re-allocation fan-in: 3 for 1×1 convs, 0 otherwise by
 default; 0 means prune only), ``gamma`` (dealloc threshold, > 0) and ``n_max`` (cap on the copies
