@@ -304,22 +304,26 @@ class ChannelAnalysis:
         for k, start in enumerate(self._id_start):
             count = self.sources[self._id_owner[k]][1]
             owner_index[start:start + count] = k
-        # sources per class
-        order = np.lexsort((owner_index, self.labels))
-        lab_sorted = self.labels[order]
-        own_sorted = owner_index[order]
+        # sources per class: unique (class, source block) pairs, grouped by class
+        pairs = np.unique(self.labels * len(self._id_start) + owner_index)
+        pair_cls = (pairs // len(self._id_start)).tolist()
+        pair_own = (pairs % len(self._id_start)).tolist()
         class_sources: dict[int, tuple[int, ...]] = {}
-        boundaries = np.flatnonzero(np.diff(lab_sorted)) + 1
-        for chunk_l, chunk_o in zip(np.split(lab_sorted, boundaries), np.split(own_sorted, boundaries)):
-            class_sources[int(chunk_l[0])] = tuple(sorted(set(chunk_o.tolist())))
+        acc: list[int] = []
+        for i, (c, o) in enumerate(zip(pair_cls, pair_own)):
+            acc.append(o)
+            if i + 1 == len(pair_cls) or pair_cls[i + 1] != c:
+                class_sources[c] = tuple(acc)
+                acc = []
         by_key: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for c, key in class_sources.items():
             by_key[key].append(c)
         readers_by_class: dict[int, set[str]] = defaultdict(set)
         for r in self.readers:
-            for c in set(self.class_of(r.ids).tolist()):
+            who = r.module or r.node
+            for c in np.unique(self.class_of(r.ids)).tolist():
                 if c >= 0:
-                    readers_by_class[c].add(r.module or r.node)
+                    readers_by_class[c].add(who)
         groups = []
         for key, classes in by_key.items():
             first = self._id_owner[key[0]]
@@ -333,11 +337,12 @@ class ChannelAnalysis:
             cls_index = {c: i for i, c in enumerate(classes)}
             for k in key:
                 name = self._id_owner[k]
-                s, cnt = self.sources[name]
+                s0, cnt = self.sources[name]
                 lst: list[list[int]] = [[] for _ in classes]
-                for pos, c in enumerate(self.labels[s:s + cnt].tolist()):
-                    if c in cls_index:
-                        lst[cls_index[c]].append(pos)
+                for pos, c in enumerate(self.labels[s0:s0 + cnt].tolist()):
+                    i = cls_index.get(c)
+                    if i is not None:
+                        lst[i].append(pos)
                 positions[self.source_name(name)] = lst
             reasons: list[str] = []
             for c in classes:
@@ -348,15 +353,14 @@ class ChannelAnalysis:
             prunable = [c for c in classes if c not in self.class_frozen]
             groups.append(ChannelGroup(len(groups), [self.source_name(self._id_owner[k]) for k in key], classes,
                                        positions, consumers, reasons[:6], prunable))
-        groups.sort(key=lambda g: self._first_source_order(g))
+        order = {n.name: i for i, n in enumerate(self.gm.graph.nodes)}
+        first_node = {}
+        for name in self.sources:
+            first_node.setdefault(self.source_name(name), order.get(name, 0))
+        groups.sort(key=lambda g: min(first_node.get(s, 0) for s in g.sources))
         for i, g in enumerate(groups):
             g.index = i
         self.groups = groups
-
-    def _first_source_order(self, g: ChannelGroup) -> int:
-        order = {n.name: i for i, n in enumerate(self.gm.graph.nodes)}
-        names = {self.source_name(k): k for k in self.sources}
-        return min(order.get(names.get(s, s), 0) for s in g.sources)
 
     # -- summaries -------------------------------------------------------------------------
     def prunable_groups(self) -> list[ChannelGroup]:
@@ -764,6 +768,29 @@ class _Analyzer:
         allowed = self.dynamic_size_dims(node, args, kwargs)
         return _map_results(out, lambda t: self.from_full(node, t, tvals, layout, allowed))
 
+    def cat_along_channels(self, node: fx.Node, args, kwargs) -> TensorVal | None:
+        """Fast path of the common concat (DenseNet, Inception): every input carries channels on
+        the concatenated dimension, or none (its positions get -1)."""
+        tensors = args[0] if args else kwargs.get("tensors")
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        shape = self.out_shape(node)
+        if not isinstance(tensors, (list, tuple)) or shape is None or not isinstance(dim, int):
+            return None
+        dim = _norm_dim(dim, len(shape))
+        parts = []
+        for t in tensors:
+            if not isinstance(t, TensorVal) or len(t.shape) != len(shape):
+                return None
+            if t.has_channels:
+                if t.dim != dim:
+                    return None
+                parts.append(t.ids)
+            else:
+                parts.append(np.full(t.shape[dim], -1, dtype=np.int64))
+        if not any(t.has_channels for t in tensors):
+            return None
+        return TensorVal(shape, dim, np.concatenate(parts))
+
     @staticmethod
     def dynamic_size_dims(node: fx.Node, args, kwargs) -> set[int] | None:
         """For view/reshape/expand: the output dims whose size is computed (-1, or derived from a
@@ -1042,6 +1069,10 @@ class _Analyzer:
                 return self.elementwise(node, list(args) + [v for k, v in kwargs.items() if k in ("other", "input", "alpha")])
             except _PythonOp:
                 return fn(*args, **kwargs)
+        if fn in (torch.cat, torch.concat):
+            fast = self.cat_along_channels(node, args, kwargs)
+            if fast is not None:
+                return fast
         if fn in _SHAPE_FUNCS:
             layout = fn in _LAYOUT_FUNCS
             return self.shape_op(node, fn, args, kwargs, layout)

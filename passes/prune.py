@@ -90,8 +90,8 @@ class _Scorer:
             m = self.modules.get(src)
             if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
                 continue
-            w = m.weight.detach().double()
-            norms = w.reshape(w.shape[0], -1).abs().sum(1).numpy()
+            w = m.weight.detach()
+            norms = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), 1, dim=1).double().numpy()
             norms = norms / (norms.mean() + 1e-12)
             total += np.array([norms[p].sum() for p in per_class])
         return total
@@ -259,7 +259,8 @@ class Prune(Pass):
                     continue
                 s = scores[g.index]
                 norm_s = s / (s.mean() + 1e-12)
-                pool.extend((norm_s[i], g.index, c) for i, c in enumerate(g.classes) if c in set(g.prunable_classes))
+                prunable = set(g.prunable_classes)
+                pool.extend((norm_s[i], g.index, c) for i, c in enumerate(g.classes) if c in prunable)
             pool.sort(key=lambda t: t[0])
             n_remove = int(math.floor(ratio * len(pool)))
             chosen: dict[int, list[int]] = {}
