@@ -8,8 +8,9 @@
   :func:`repeat_wall` — wall time of a heavy one-shot job (fresh state per run) over repeats;
 * :func:`classification_models`, :func:`build_model`, :func:`input_size` — torchvision's
   classification zoo with random weights (nothing is downloaded) and the input size used for each;
-* :func:`time_limit` — raise :class:`TimeoutError` in the main thread after N seconds (a tool
-  that hangs on one model does not stop a sweep);
+* :func:`time_limit`, :func:`memory_limit` — raise :class:`TimeoutError` after N seconds, or
+  :class:`MemoryError` past a memory budget (a tool that hangs or explodes on one model does not
+  stop a sweep);
 * :func:`graphsel_prune`, :func:`graphsel_times` — graphsel's prune → fold_masks → materialize
   pipeline and the per-stage seconds it records;
 * :func:`torch_pruning_prune` — Torch-Pruning's standard torchvision recipe (``BasePruner``,
@@ -176,6 +177,47 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
+def _proc_kb(path: str, key: str) -> int | None:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (``MemAvailable``; Linux)."""
+    kb = _proc_kb("/proc/meminfo", "MemAvailable")
+    return kb * 1024 if kb is not None else None
+
+
+@contextlib.contextmanager
+def memory_limit(extra_bytes: float | None) -> Iterator[None]:
+    """Cap the process's address space at its current size + ``extra_bytes`` inside the block, so that
+    a tool whose memory explodes raises :class:`MemoryError` (caught per model) instead of the
+    kernel's OOM killer ending the whole sweep — and other processes on the machine. Linux only;
+    a no-op elsewhere or for ``None``."""
+    try:
+        import resource
+    except ImportError:
+        resource = None
+    vm_kb = _proc_kb("/proc/self/status", "VmSize")
+    if not extra_bytes or resource is None or vm_kb is None:
+        yield
+        return
+    old = resource.getrlimit(resource.RLIMIT_AS)
+    cap = int(vm_kb * 1024 + extra_bytes)
+    if old[1] != resource.RLIM_INFINITY:
+        cap = min(cap, old[1])
+    resource.setrlimit(resource.RLIMIT_AS, (cap, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, old)
+
+
 def error_record(e: BaseException, frames: int = 6) -> dict[str, str]:
     """A JSON-friendly error: type, message, and the innermost traceback frames."""
     tb = traceback.format_exception(type(e), e, e.__traceback__)
@@ -186,7 +228,7 @@ def short_error(err: dict[str, str] | None, width: int = 160) -> str:
     if not err:
         return ""
     first = (err["message"].strip().splitlines() or [""])[0]
-    s = f"{err['type']}: {first}"
+    s = f"{err['type']}: {first}" if first else err["type"]
     return s if len(s) <= width else s[: width - 1] + "…"
 
 

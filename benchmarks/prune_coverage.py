@@ -20,14 +20,20 @@ Torch-Pruning model falls back to ``tp.utils.count_ops_and_params`` when it cann
 Inputs are small where the model allows (``--size``, default 64²); ViT, Swin and MaxViT get 224²
 (position embeddings / window partitions), inception_v3 96² (its minimum is 75²).
 
-Run: ``python -m benchmarks.prune_coverage`` (full sweep, roughly 0.5–1 h on 2 quiet cores; needs
-~10 GB RAM for regnet_y_128gf and vit_h_14) or ``--quick`` (3 small models). ``--models a b`` runs
-a subset. Writes ``benchmarks/results/prune_coverage{,_quick}.{json,md}``, the JSON after every
-model (a crash keeps what was done).
+Each tool gets a time limit (``--timeout``, 600 s) and a memory budget per model (``--memory-gb``;
+default 8× the model's bytes, at least 4 GiB, at most 85 % of the available memory): Torch-Pruning's
+index mapping grows without bound on Swin and MaxViT, and without the budget the kernel's OOM killer
+ends the whole sweep; with it the model is recorded as a ``MemoryError`` failure.
+
+Run: ``python -m benchmarks.prune_coverage`` (full sweep, roughly 1–1.5 h on 2 quiet cores; needs
+~12 GB free RAM for regnet_y_128gf and vit_h_14) or ``--quick`` (3 small models). ``--models a b``
+runs a subset. Writes ``benchmarks/results/prune_coverage{,_quick}.{json,md}``, the JSON after every
+model (an interrupted sweep keeps what was done).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 import time
@@ -101,6 +107,31 @@ def cost_pair(model, example) -> tuple[int | None, int | None, str]:
 
 # -- one model -----------------------------------------------------------------------------
 
+def memory_budget(args, model: torch.nn.Module) -> float | None:
+    """Bytes a tool may add while handling ``model``: ``--memory-gb`` when given, else 8× the model's
+    parameter and buffer bytes (a few copies of the model plus activations), at least 4 GiB; never more
+    than 85 % of the memory available at that moment."""
+    if args.memory_gb:
+        want = args.memory_gb * 2**30
+    else:
+        size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        want = max(4 * 2**30, 8 * size)
+    avail = common.available_memory()
+    return min(want, 0.85 * avail) if avail else want
+
+
+@contextlib.contextmanager
+def guarded(args, model: torch.nn.Module):
+    """Time and memory limits for one tool on one model."""
+    budget = memory_budget(args, model)
+    with common.time_limit(args.timeout), common.memory_limit(budget):
+        try:
+            yield
+        except MemoryError as e:
+            raise MemoryError(f"needed more than its memory budget of {budget / 2**30:.1f} GiB "
+                              f"(--memory-gb){': ' + str(e) if str(e) else ''}") from e
+
+
 def run_graphsel(name: str, example: tuple, args) -> dict[str, Any]:
     import graphsel
     rec: dict[str, Any] = {}
@@ -108,13 +139,13 @@ def run_graphsel(name: str, example: tuple, args) -> dict[str, Any]:
     model = common.build_model(name)
     rec["params_before"], rec["macs_before"], _ = cost_pair(model, example)
     try:
-        with common.time_limit(args.timeout):
+        with guarded(args, model):
             rec["analysis"] = frozen_summary(model, example)
     except Exception as e:  # noqa: BLE001
         rec["analysis_error"] = common.error_record(e)
     t0 = time.perf_counter()
     try:
-        with common.time_limit(args.timeout):
+        with guarded(args, model):
             gm = common.graphsel_prune(model, example, ratio=args.ratio, round_to=args.round_to,
                                        scope=args.scope, verify=True)
         rec["seconds"] = time.perf_counter() - t0
@@ -142,7 +173,7 @@ def run_torch_pruning(name: str, example: tuple, args) -> dict[str, Any]:
     model = common.build_model(name)
     t0 = time.perf_counter()
     try:
-        with common.time_limit(args.timeout), warnings.catch_warnings():
+        with guarded(args, model), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             res = common.torch_pruning_prune(model, example, ratio=args.ratio)
             rec["build_s"], rec["prune_s"] = res["build_s"], res["prune_s"]
@@ -243,7 +274,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--scope", default="uniform", choices=["uniform", "global"],
                     help="graphsel's ranking scope (uniform = Torch-Pruning's per-layer ratio)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--timeout", type=float, default=900, help="seconds per model and tool before giving up")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per model and tool before giving up")
+    ap.add_argument("--memory-gb", type=float, default=None,
+                    help="memory a tool may add per model (default: 8x the model's bytes, at least 4 GiB, at most 85%% "
+                         "of what is available at that moment); "
+                         "past it the tool fails with MemoryError instead of the OOM killer ending the sweep")
     ap.add_argument("--out", type=Path, default=common.RESULTS)
     args = ap.parse_args(argv)
     common.set_threads(args.threads)
@@ -252,7 +287,7 @@ def main(argv=None) -> dict:
     if unknown:
         ap.error(f"not torchvision classification models: {', '.join(sorted(unknown))}")
     results = {"config": {"ratio": args.ratio, "round_to": args.round_to, "scope": args.scope, "size": args.size,
-                          "timeout_s": args.timeout, "quick": args.quick, "models": names},
+                          "timeout_s": args.timeout, "memory_gb": args.memory_gb, "quick": args.quick, "models": names},
                "environment": common.environment(), "models": []}
     for i, name in enumerate(names, 1):
         side = common.input_size(name, args.size)
