@@ -45,21 +45,6 @@ from benchmarks.common import RESULTS, environment, environment_line, measure, s
 from graphsel.passes import dynamic_group_conv as dgc
 
 
-def measure_cpu(candidates: dict, repeats: int, warmup: int = 2, inner: int = 1) -> dict[str, dict[str, float]]:
-    """As :func:`benchmarks.common.measure`, with the calling thread's CPU time."""
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in candidates}
-    for _ in range(max(1, repeats)):
-        for k, fn in candidates.items():
-            t0 = time.thread_time()
-            for _ in range(inner):
-                fn()
-            times[k].append((time.thread_time() - t0) / inner * 1e3)
-    return {k: {"min_ms": min(v), "median_ms": statistics.median(v)} for k, v in times.items()}
-
-
 def randomise_saliency(model: nn.Module, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -89,7 +74,8 @@ def layer_inputs(gm: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def run(args) -> dict:
     set_threads(args.threads)
-    timer = measure_cpu if args.clock == "thread" else measure
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    timer = lambda candidates, *a, **k: measure(candidates, *a, clock=clock, **k)  # noqa: E731
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
     example = torch.randn(1, 3, args.size, args.size)

@@ -523,6 +523,21 @@ def _register_known_libraries() -> None:
 _register_known_libraries()
 
 
+def indexed_dims(items: tuple | list, rank: int):
+    """For a basic index tuple (ints, slices, None, Ellipsis): ``(position in the tuple, input
+    dimension, item)`` for every item that addresses an input dimension."""
+    dim = 0
+    n_real = sum(1 for it in items if it is not None and it is not Ellipsis)
+    for k, it in enumerate(items):
+        if it is Ellipsis:
+            dim += rank - n_real
+            continue
+        if it is None:
+            continue
+        yield k, dim, it
+        dim += 1
+
+
 def _fn_name(node: fx.Node) -> str:
     if node.op == "call_module":
         return f"module '{node.target}'"
@@ -1128,22 +1143,13 @@ class _Analyzer:
         items = idx if isinstance(idx, tuple) else (idx,)
         if _has(items, (TensorVal, ParamVal, Unknown)):
             return self.a.barrier(node, "advanced indexing of channels", [x, idx])
-        # find which input dim each index item addresses
-        dim = 0
-        n_real = sum(1 for it in items if it is not None and it is not Ellipsis)
-        for it in items:
-            if it is Ellipsis:
-                dim += len(x.shape) - n_real
-                continue
-            if it is None:
-                continue
+        for _, dim, it in indexed_dims(items, len(x.shape)):
             if dim == x.dim and isinstance(it, int):
                 self.a.readers.append(Reader(node.name, "select", x.ids[[it]]))
                 self.a.freeze(x.ids[[it]], f"a single channel is selected by index at node {node.name}")
                 return _plain(self.out_shape(node) or ())
             if dim == x.dim and isinstance(it, slice) and it.step not in (None, 1):
                 return self.a.barrier(node, "strided slicing of channels", x)
-            dim += 1
         return self.shape_op(node, operator.getitem, [x, idx], {}, False)
 
     def pad(self, node, args, kwargs):

@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphsel import Contract, Diagnostic, Pass, PassResult, register_pass
-from graphsel.channels import ChannelAnalysis, ParamVal, TensorVal, analyze_channels, _UNARY_FUNCS, _UNARY_METHODS, _ACT_MODULES
+from graphsel.channels import (ChannelAnalysis, TensorVal, analyze_channels, indexed_dims, _ACT_MODULES,
+                               _UNARY_FUNCS, _UNARY_METHODS)
 from graphsel.graph_utils import add_module, call_count, delete_unused_modules, replace_module
 from graphsel.masks import ChannelMasks, clear_masks, resolve_masks
 from graphsel.meta import graphsel_meta
@@ -334,14 +335,7 @@ class _Materializer:
         idx = n.args[1]
         items = list(idx) if isinstance(idx, tuple) else [idx]
         keep = _keep_mask(a, xv.ids, removed)
-        dim = 0
-        n_real = sum(1 for it in items if it is not None and it is not Ellipsis)
-        for k, it in enumerate(items):
-            if it is Ellipsis:
-                dim += len(xv.shape) - n_real
-                continue
-            if it is None:
-                continue
+        for k, dim, it in indexed_dims(items, len(xv.shape)):
             if dim == xv.dim and isinstance(it, slice):
                 start, stop, _ = it.indices(xv.shape[dim])
                 new_start = int(keep[:start].sum())
@@ -351,7 +345,6 @@ class _Materializer:
                 n.args = (n.args[0], tuple(items) if isinstance(idx, tuple) else items[0])
                 self.stats["shape_args_rewritten"] += 1
                 return
-            dim += 1
 
     def _rewrite_narrow(self, n: fx.Node, xv: TensorVal, a, removed) -> None:
         args = list(n.args)

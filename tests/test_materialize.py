@@ -234,10 +234,13 @@ def test_mask_removing_every_channel_is_an_error():
 
 
 def test_mask_on_unknown_module_suggests_a_name():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
-    gm = graphsel.trace(model, torch.randn(1, 3, 8, 8))
-    add_consumer_mask(gm, "3", [0])
-    with pytest.raises(graphsel.MaskError, match="Did you mean '2'"):
+    model = nn.Sequential()
+    model.add_module("conv1", nn.Conv2d(3, 4, 3))
+    model.add_module("relu", nn.ReLU())
+    model.add_module("conv2", nn.Conv2d(4, 2, 1))
+    gm = graphsel.trace(model.eval(), torch.randn(1, 3, 8, 8))
+    add_consumer_mask(gm, "conv3", [0])
+    with pytest.raises(graphsel.MaskError, match="Did you mean 'conv2'"):
         graphsel.transform(gm, ["fold_masks"])
 
 
