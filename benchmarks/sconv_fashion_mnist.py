@@ -407,7 +407,7 @@ def main(argv=None) -> dict:
         n_train, reason = min(args.train_limit, len(full_train)), "--train-limit"
     else:
         pair = calibrate_pair_step(args)
-        reserve = 150.0 + 0.02 * len(test_set)          # evaluation, export, latency, micro-benchmarks
+        reserve = 90.0 + 0.01 * len(test_set)           # evaluation, export, latency, micro-benchmarks
         budget = max(60.0, args.budget_min * 60 - reserve - (time.perf_counter() - t_all))
         steps = int(budget / (1.1 * pair) / args.epochs)
         n_train = max(args.batch_size, min(len(full_train), steps * args.batch_size))
