@@ -45,18 +45,9 @@ from graphsel.masks import add_group_mask, removal_positions
 from graphsel.meta import graphsel_meta
 from graphsel.verify import eval_mode
 
+from .sconv.ecdm import relu_gaussian_mean   # the selective-convolution paper's E[ReLU(N(β, γ²))]
+
 CRITERIA = ("l1", "bn_gamma", "ecdm")
-
-
-def relu_gaussian_mean(beta: torch.Tensor, gamma: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """E[max(X, 0)] for X ~ N(β, γ²): |γ|φ(β/|γ|) + βΦ(β/|γ|) (→ max(β, 0) as |γ| → 0)."""
-    beta = beta.double()
-    g = gamma.double().abs()
-    safe = g.clamp_min(eps)
-    z = beta / safe
-    normal = torch.distributions.Normal(torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64))
-    val = g * normal.log_prob(z).exp() + beta * normal.cdf(z)
-    return torch.where(g > eps, val, beta.clamp_min(0))
 
 
 class _Scorer:

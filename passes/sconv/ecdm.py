@@ -29,19 +29,25 @@ from .module import SelectiveConv2d, selective_modules
 SHIFT_INIT_RANGE = 1.5  # re-allocated copies get a shift drawn from U(−1.5, 1.5)² pixels
 
 
+def relu_gaussian_mean(beta: torch.Tensor, gamma: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """E[max(X, 0)] for X ~ N(β, γ²) (paper 000, eq. 1): |γ|φ(β/|γ|) + βΦ(β/|γ|), float64;
+    max(β, 0) as |γ| → 0."""
+    beta = beta.detach().double()
+    g = gamma.detach().double().abs()
+    safe = g.clamp_min(eps)
+    z = beta / safe
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    e = safe * pdf + beta * torch.special.ndtr(z)
+    return torch.where(g > eps, e, beta.clamp_min(0.0))
+
+
 def expected_activation(bn: nn.BatchNorm2d) -> torch.Tensor:
     """``E_i``: the mean of ReLU(N(β_i, γ_i²)) per channel (float64), from the BN's affine parameters."""
     c = bn.num_features
     dev = bn.running_mean.device if bn.running_mean is not None else (bn.weight.device if bn.weight is not None else "cpu")
     gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(c, dtype=torch.float64, device=dev)
     beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(c, dtype=torch.float64, device=dev)
-    g = gamma.abs()
-    safe = g.clamp_min(1e-12)
-    z = beta / safe
-    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-    cdf = torch.special.ndtr(z)
-    e = safe * pdf + beta * cdf
-    return torch.where(g > 1e-12, e, beta.clamp_min(0.0))
+    return relu_gaussian_mean(beta, gamma)
 
 
 def ecdm(module: SelectiveConv2d, *, dtype: torch.dtype | None = None) -> torch.Tensor:
