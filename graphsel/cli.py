@@ -46,6 +46,11 @@ DEMO_EXPORT_FORMATS = ("pt2", "pickle")
 # returns a JSON-ready summary stored under its ``__name__`` in report.json.
 DEMO_SECTIONS: list[Callable[[Path, Callable[[str], None]], dict]] = []
 
+
+def _demo_sections() -> list[Callable[[Path, Callable[[str], None]], dict]]:
+    from graphsel.passes.sconv.demo import selective_convolution
+    return [selective_convolution] + DEMO_SECTIONS
+
 CONVERT_FORMATS = ("pt2", "onnx", "torchscript", "pickle", "graphsel")
 
 
@@ -217,7 +222,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     checkpoint = save(gm, out / "resnet18_slim.graphsel.pt")
 
     sections = {}
-    for section in DEMO_SECTIONS:
+    for section in _demo_sections():
         sections[section.__name__] = section(out, _out)
 
     text = "\n\n".join([report_text, summary] + [str(r) for r in exports])
