@@ -169,7 +169,8 @@ class ChannelAnalysis:
     """The result of :func:`analyze_channels` (see the module docstring)."""
 
     def __init__(self, gm: fx.GraphModule):
-        self.gm = gm
+        # no reference to gm: analyses are cached next to (and weakly keyed by) their graph
+        self.node_order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
         self.values: dict[str, Any] = {}
         self.readers: list[Reader] = []
         self.slots: dict[tuple, Slot] = {}
@@ -254,6 +255,9 @@ class ChannelAnalysis:
             ct = set(self.class_of(target_ids).tolist()) if target_ids is not None else set()
             if not cs <= ct:
                 self.freeze(size_ids, f"a channel count is used to shape other data at {_fn_name(node)} (node {node.name})")
+        # drop the fx.Node references: an analysis must not keep its graph alive (it is cached
+        # in weak-keyed caches whose values must not reach their keys)
+        self._layout_checks, self._size_uses = [], []
         cf: dict[int, list[str]] = defaultdict(list)
         for i, r in self._frozen.items():
             lst = cf[int(self.labels[i])]
@@ -353,7 +357,7 @@ class ChannelAnalysis:
             prunable = [c for c in classes if c not in self.class_frozen]
             groups.append(ChannelGroup(len(groups), [self.source_name(self._id_owner[k]) for k in key], classes,
                                        positions, consumers, reasons[:6], prunable))
-        order = {n.name: i for i, n in enumerate(self.gm.graph.nodes)}
+        order = self.node_order
         first_node = {}
         for name in self.sources:
             first_node.setdefault(self.source_name(name), order.get(name, 0))
