@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .context import PassContext
+from .context import PassContext, graph_fingerprint
 from .errors import FunctionChangedError, GraphselError, PassError
 from .meta import PassRecord, graphsel_meta
 from .passbase import Contract, Pass, PassResult
@@ -82,6 +82,17 @@ def _tensor_versions(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, int]]:
     return out
 
 
+def _shape_signature(gm: fx.GraphModule) -> tuple:
+    """What the propagated shapes depend on: the graph's structure (:func:`graph_fingerprint`)
+    and the shape, dtype and device of every parameter and buffer, the settings of every leaf
+    module (its ``repr``: stride, padding, ...) and which nodes carry shapes."""
+    tensors = [(name, tuple(t.shape), t.dtype, t.device)
+               for name, t in list(gm.named_parameters()) + list(gm.named_buffers())]
+    shaped = frozenset(n.name for n in gm.graph.nodes if "tensor_meta" in n.meta)
+    modules = tuple(repr(m) for name, m in gm.named_modules() if name and not any(True for _ in m.children()))
+    return graph_fingerprint(gm), tuple(tensors), shaped, modules
+
+
 def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = True,
              reference: list[list[torch.Tensor]] | None = None, rtol: float | None = None,
              atol: float | None = None) -> tuple[fx.GraphModule, PassRecord, list[list[torch.Tensor]] | None]:
@@ -89,6 +100,7 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
     if verify and reference is None and ctx.verify_inputs():
         reference = [reference_forward(gm, x) for x in ctx.verify_inputs()]
     work = copy_for_pass(gm, p)
+    signature = _shape_signature(work)
     versions = {} if p.inplace_tensors else _tensor_versions(gm)
     names_before = {n.name for n in gm.graph.nodes}
     params_before, macs_before = _cost_pair(gm, ctx)
@@ -114,7 +126,9 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
     _check_invariants(new, p.name)
     new.recompile()
     inputs = example_inputs_of(new) or ctx.example_inputs
-    if result.modified and inputs is not None:
+    # a pass that changed only metadata (masks) keeps the shapes its copy carries: re-running the
+    # model to propagate them again is skipped
+    if result.modified and inputs is not None and _shape_signature(new) != signature:
         try:
             propagate_shapes(new, inputs)
         except GraphselError as e:
