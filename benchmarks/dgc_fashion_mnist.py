@@ -1,7 +1,7 @@
 """Dynamic group convolution trained for real: Fashion-MNIST, dense vs DGC (head-wise and global threshold).
 
 Three runs of the same CIFAR-style ResNet (``graphsel.models.resnet_cifar``, 1 input channel,
-random initialisation, same seed, same data order):
+random initialisation, same seed, same data order), per seed:
 
 * ``dense``: the plain network;
 * ``head-wise``: the ``dynamic_group_conv`` pass (4 heads, ξ), the paper's schedule applied every
@@ -17,6 +17,9 @@ Reported: test accuracy, the pruning rate measured on the test set (overall, as 
 counts it: over all saliency entries; and per layer), MACs (``graphsel.cost``: dense, and the DGC
 model at its kept fractions), training time; a per-epoch log showing the schedule reach ξ; and
 ``dgc_fashion_mnist_rates.png``: per-layer pruning rates, head-wise vs global (the paper's Fig. 2).
+The three runs are repeated for every ``--seeds`` value (default 0 1 2: five-epoch runs differ by
+several points between seeds, the global threshold most) and summarised across seeds; the
+detailed tables and the plot are for the first seed.
 
 Run: ``python -m benchmarks.dgc_fashion_mnist`` (full: about 10–15 min on 2 cores) or
 ``--quick`` (a smoke test, seconds). Writes ``benchmarks/results/dgc_fashion_mnist{,_quick}.{json,md,_rates.png}``.
@@ -173,6 +176,22 @@ def plot(results: dict, path: Path, ratio: float) -> None:
     plt.close(fig)
 
 
+def seeds_table(seed_runs: list[dict]) -> str:
+    """Test accuracy and pruning rate per kind across the training seeds."""
+    import statistics
+    rows = []
+    kinds = list(dict.fromkeys(r["kind"] for r in seed_runs))
+    for kind in kinds:
+        rs = [r for r in seed_runs if r["kind"] == kind]
+        acc = [100 * r["accuracy"] for r in rs]
+        rates = [r["pruning_rate"] for r in rs if r.get("pruning_rate") is not None]
+        rows.append([kind, ", ".join(str(r["seed"]) for r in rs), " / ".join(f"{v:.2f}" for v in acc),
+                     f"{statistics.mean(acc):.2f} ± {statistics.stdev(acc) if len(acc) > 1 else 0.0:.2f}",
+                     f"{statistics.mean(rates):.4f}" if rates else "—"])
+    return ("Across seeds (mean ± standard deviation):\n\n"
+            + table(rows, ["model", "seeds", "test acc % per seed", "test acc % mean ± sd", "mean test pruning rate"]))
+
+
 def markdown(results: dict) -> str:
     a = results["config"]
     lines = [f"# DGC on Fashion-MNIST (resnet_cifar({a['depth']}), {a['heads']} heads, ξ = {a['ratio']}"
@@ -187,7 +206,9 @@ def markdown(results: dict) -> str:
                      f"{r['macs'] / 1e6:.2f}", f"{r['macs'] / dense['macs']:.3f}", f"{r['train_seconds']:.0f}"])
     lines.append(table(rows, ["model", "test acc %", "Δ vs dense", "test pruning rate", "MMACs", "MACs / dense",
                               "train s"]))
-    lines += ["", f"Per-layer test pruning rates: ![rates]({results['plot']})", ""]
+    if len({r["seed"] for r in results.get("seed_runs", [])}) > 1:
+        lines += ["", seeds_table(results["seed_runs"])]
+    lines += ["", f"Per-layer test pruning rates (seed {dense.get('seed', a.get('seed'))}): ![rates]({results['plot']})", ""]
     dgc_runs = [r for r in results["runs"] if "layer_rates" in r]
     if dgc_runs:
         layers = list(dgc_runs[0]["layer_rates"])
@@ -220,13 +241,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--calibration-batches", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's); use 1 on a machine shared with other jobs")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="training seeds; the first gets the detailed tables and the plot, all go into the "
+                         "across-seeds summary (default 0 1 2; --quick: 0)")
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.quick:
         args.epochs, args.train_samples, args.test_samples = 2, 512, 256
         args.batch_size, args.window, args.calibration_batches = 64, 4, 2
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else [0, 1, 2]
     if "dense" not in args.kinds:
         args.kinds = ["dense"] + list(args.kinds)
     set_threads(args.threads)
@@ -234,8 +259,16 @@ def main(argv=None) -> dict:
     test_loader = DataLoader(fashion_mnist("test", limit=args.test_samples), batch_size=500)
     results = {"config": {**{k: v for k, v in vars(args).items() if k != "out"}, "quick": args.quick},
                "environment": environment(), "runs": []}
-    for kind in args.kinds:
-        results["runs"].append(train(kind, args, train_set, test_loader))
+    results["seed_runs"] = []
+    for i, seed in enumerate(args.seeds):
+        args.seed = seed
+        for kind in args.kinds:
+            run = train(kind, args, train_set, test_loader)
+            run["seed"] = seed
+            if i == 0:
+                results["runs"].append(run)
+            results["seed_runs"].append({k: run.get(k) for k in ("seed", "kind", "accuracy", "pruning_rate",
+                                                                  "macs", "train_seconds")})
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / f"{result_stem('dgc_fashion_mnist', args.quick)}_rates.png"
     results["plot"] = png.name
