@@ -27,15 +27,18 @@ def register_analysis(name: str):
 
 def graph_fingerprint(gm: fx.GraphModule) -> int:
     """A hash that changes whenever the graph or the shape of a called module changes."""
+    modules = dict(gm.named_modules())
     items = []
     for n in gm.graph.nodes:
         extra: tuple = ()
         if n.op == "call_module":
-            try:
-                m = gm.get_submodule(n.target)
-                extra = (type(m).__name__,) + tuple(tuple(p.shape) for p in m.parameters(recurse=True))
-            except AttributeError:
+            m = modules.get(n.target)
+            if m is None:
                 extra = ("<missing>",)
+            elif m._modules:
+                extra = (type(m).__name__,) + tuple(tuple(p.shape) for p in m.parameters(recurse=True))
+            else:
+                extra = (type(m).__name__,) + tuple(tuple(p.shape) for p in m._parameters.values() if p is not None)
         items.append((n.name, n.op, str(n.target), repr(n.args), repr(n.kwargs), extra))
     return hash(tuple(items))
 

@@ -10,6 +10,7 @@ touched (tracing works on a deep copy).
 from __future__ import annotations
 
 import copy
+import gc
 import time
 from typing import Any, Sequence
 
@@ -124,11 +125,13 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
         raise PassError(p.name, f"PassResult.gm is a {type(new).__name__}, not a torch.fx.GraphModule")
     new.meta.setdefault("graphsel", graphsel_meta(work))
     _check_invariants(new, p.name)
-    new.recompile()
+    # a pass that changed only metadata (masks) keeps the code and the shapes its copy carries:
+    # recompiling and re-running the model to propagate shapes are skipped
+    unchanged = new is work and _shape_signature(new) == signature
+    if not unchanged:
+        new.recompile()
     inputs = example_inputs_of(new) or ctx.example_inputs
-    # a pass that changed only metadata (masks) keeps the shapes its copy carries: re-running the
-    # model to propagate them again is skipped
-    if result.modified and inputs is not None and _shape_signature(new) != signature:
+    if result.modified and inputs is not None and not unchanged:
         try:
             propagate_shapes(new, inputs)
         except GraphselError as e:
@@ -182,6 +185,23 @@ def transform(model: nn.Module, passes: Any, example_inputs: Any = None, *, veri
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"graphsel.transform expects a torch.nn.Module, got {type(model).__name__}")
+    # The cyclic garbage collector is paused while the pipeline runs: graph copies allocate
+    # hundreds of thousands of objects, and one full collection over a large model's heap costs
+    # as much as the channel analysis (0.4 s of densenet201's 1.8 s). Reference counting still
+    # frees almost everything; the collector resumes (and runs when due) afterwards.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _transform(model, passes, example_inputs, verify=verify, leaf_modules=leaf_modules,
+                          concrete_args=concrete_args, seed=seed, n_random_inputs=n_random_inputs, rtol=rtol,
+                          atol=atol, progress=progress)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _transform(model: nn.Module, passes: Any, example_inputs: Any, *, verify: bool, leaf_modules, concrete_args,
+               seed: int, n_random_inputs: int, rtol, atol, progress) -> fx.GraphModule:
     pipeline = resolve_passes(passes)
     mode = _mode_of(model)
     if isinstance(model, fx.GraphModule) and graphsel_meta(model, create=False) is not None:
