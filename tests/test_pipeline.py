@@ -398,3 +398,55 @@ def test_in_place_tensor_edit_without_declaring_it_is_caught_and_the_input_survi
         graphsel.transform(gm, [InPlaceWithoutSaying()], X)
     assert torch.equal(gm.get_submodule("conv1").weight, before)     # the input GraphModule is deep-copied first
     assert_model_unchanged(model, snap)
+
+
+class RecordsGcState(Pass):
+    name = "records_gc_state"
+    contract = Contract.EXACT
+    seen: list[bool] = []
+
+    def run(self, gm, ctx):
+        import gc
+        RecordsGcState.seen.append(gc.isenabled())
+        return PassResult(gm, False)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_transform_pauses_the_garbage_collector_and_restores_its_state(enabled):
+    import gc
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        RecordsGcState.seen = []
+        graphsel.transform(make_net(), [RecordsGcState()], X)
+        assert RecordsGcState.seen == [False] and gc.isenabled() is enabled
+        with pytest.raises(PassError):
+            graphsel.transform(make_net(), [Explodes()], X)
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+class HalvesConv1Resolution(Pass):
+    """Changes a module setting (stride) without touching the graph or any tensor shape."""
+    name = "halves_conv1_resolution"
+    contract = Contract.STRUCTURAL
+
+    def run(self, gm, ctx):
+        gm.get_submodule("conv1").stride = (2, 2)
+        return PassResult(gm, True)
+
+
+def test_shapes_are_repropagated_when_only_a_module_setting_changed():
+    gm = graphsel.transform(make_net(), [HalvesConv1Resolution()], X)
+    conv1 = next(n for n in gm.graph.nodes if n.target == "conv1")
+    assert tuple(conv1.meta["tensor_meta"].shape) == (2, 8, 4, 4)
+
+
+def test_metadata_only_passes_keep_code_and_shapes_of_their_copy():
+    gm = graphsel.transform(make_net(), [("prune", {"ratio": 0.5})], X)
+    assert gm.code == gm.graph.python_code("self").src
+    assert all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op != "output")
+    slim = graphsel.transform(gm, ["materialize"])
+    conv1 = next(n for n in slim.graph.nodes if n.target == "conv1")
+    assert conv1.meta["tensor_meta"].shape[1] == slim.get_submodule("conv1").out_channels < 8
