@@ -41,15 +41,17 @@ DEMO_PIPELINE: list[Any] = [
 DEMO_MODEL = "torchvision:resnet18"
 DEMO_INPUT_SHAPE = (1, 3, 224, 224)
 DEMO_EXPORT_FORMATS = ("pt2", "pickle")
-# Hook for further demo sections (e.g. a selective-convolution example): callables
-# ``section(out_dir: Path, log: Callable[[str], None]) -> dict`` run after the main demo; each
-# returns a JSON-ready summary stored under its ``__name__`` in report.json.
+# Further demo sections, registered by pass packages (the selective-convolution example):
+# callables ``section(out_dir: Path, log: Callable[[str], None]) -> dict`` run after the main
+# demo; each returns a JSON-ready summary stored under its ``__name__`` in report.json.
 DEMO_SECTIONS: list[Callable[[Path, Callable[[str], None]], dict]] = []
 
 
-def _demo_sections() -> list[Callable[[Path, Callable[[str], None]], dict]]:
-    from graphsel.passes.sconv.demo import selective_convolution
-    return [selective_convolution] + DEMO_SECTIONS
+def register_demo_section(section: Callable[[Path, Callable[[str], None]], dict]):
+    """Decorator: run ``section`` in ``graphsel demo`` after the main pipeline."""
+    if section not in DEMO_SECTIONS:
+        DEMO_SECTIONS.append(section)
+    return section
 
 CONVERT_FORMATS = ("pt2", "onnx", "torchscript", "pickle", "graphsel")
 
@@ -222,7 +224,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     checkpoint = save(gm, out / "resnet18_slim.graphsel.pt")
 
     sections = {}
-    for section in _demo_sections():
+    import graphsel.passes  # noqa: F401 - registers the pass packages' demo sections
+    for section in DEMO_SECTIONS:
         sections[section.__name__] = section(out, _out)
 
     text = "\n\n".join([report_text, summary] + [str(r) for r in exports])

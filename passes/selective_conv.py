@@ -20,6 +20,7 @@ from .sconv.ecdm import (DeallocReport, ReallocReport, dealloc, dealloc_layer, e
                          normalized_ecdm, realloc, realloc_layer)
 from .sconv.insert import PATTERN, InsertSelectiveConv
 from .sconv.lower import LowerSelectiveConv
+from .sconv import demo as _demo  # noqa: F401 - registers the `graphsel demo` section
 from .sconv.module import DEFAULT_GAMMA, SelectiveConv2d, check_options, default_K, selective_modules
 from .sconv.shift import bilinear_shift, shift_kernels
 from .sconv.testing import randomize_state

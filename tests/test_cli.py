@@ -55,6 +55,9 @@ def test_demo_slims_resnet18_and_writes_model_and_report(capsys, tmp_path):
     for e in formats.values():
         assert os.path.exists(e["path"]) and e["max_abs_error"] <= e["tolerance"]
     assert (tmp_path / "report.txt").read_text().startswith("graphsel report")
+    # the section the selective-convolution package registers ran, and its export was exact
+    sconv = data["sections"]["selective_convolution"]
+    assert sconv["params"][1] < sconv["params"][0] and sconv["max_abs_error"] < 1e-4
     # the checkpoint keeps the history: `graphsel report` renders it
     code, out2, _ = run_cli(capsys, "report", data["checkpoint"])
     assert code == 0 and "materialize" in out2 and "fuse_bn" in out2

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 import graphsel
+from graphsel.cli import register_demo_section
 from graphsel.models import densenet_cifar
 
 from .ecdm import dealloc, realloc
@@ -22,6 +23,7 @@ from .training import allocation
 DEMO_GAMMA = 0.05
 
 
+@register_demo_section
 def selective_convolution(out_dir: Path, log: Callable[[str], None]) -> dict:
     """Insert → dealloc/realloc → export on DenseNet-40; logs and returns a summary."""
     torch.manual_seed(0)
