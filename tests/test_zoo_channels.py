@@ -11,14 +11,12 @@ import torch
 import graphsel
 from graphsel.channels import analyze_channels
 from graphsel.masks import add_group_mask, oracle_forward, removal_positions
-from zoo_models import BFLOAT16, INPUT_SIZE, REGULAR, build, release_memory
+from zoo_models import REGULAR, assert_within_tolerance, build, example_input, release_memory
 
 
 def check_model(name: str) -> None:
     model = build(name)
-    dtype = torch.bfloat16 if name in BFLOAT16 else torch.float32
-    size = INPUT_SIZE.get(name, 32)
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x = example_input(name, seed=2)
     gm = graphsel.trace(model, x)
     a = analyze_channels(gm)
     rng = random.Random(0)
@@ -35,10 +33,7 @@ def check_model(name: str) -> None:
     slim = graphsel.transform(gm, ["fold_masks", "materialize"], verify=False)
     with torch.no_grad():
         got = slim(x)
-    rtol, atol = graphsel.verify.tolerance_for(dtype)
-    scale = ref.float().abs().max().item()
-    err = (got.float() - ref.float()).abs().max().item()
-    assert scale > 0 and err <= atol + rtol * scale, f"{name}: max abs error {err:.3g} at scale {scale:.3g}"
+    assert_within_tolerance(name, (got.float() - ref.float()).abs().max().item(), ref.float().abs().max().item())
     assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
     del gm, slim, model
     release_memory()

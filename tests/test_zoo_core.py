@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-import torchvision
 
 import graphsel
 from graphsel import graphsel_meta
 from strategies import max_abs_difference
-from zoo_models import BFLOAT16, GIANTS, INPUT_SIZE, MODELS, REGULAR, build, release_memory
+from zoo_models import GIANTS, MODELS, REGULAR, assert_within_tolerance, build, example_input, release_memory
+
 
 def test_the_zoo_has_all_classification_models():
     assert len(MODELS) == len(set(MODELS)) == 80
@@ -26,9 +26,7 @@ def check_model(name: str) -> None:
     """graphsel.trace needs no automatic leafing; fuse_bn keeps the outputs (pipeline + independent check)."""
     with torch.no_grad():
         model = build(name)
-        size = INPUT_SIZE.get(name, 32)
-        dtype = torch.bfloat16 if name in BFLOAT16 else torch.float32
-        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2)).to(dtype)
+        x = example_input(name, seed=2)
         has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
         out = graphsel.transform(model, ["fuse_bn"], x, n_random_inputs=1)
@@ -44,10 +42,7 @@ def check_model(name: str) -> None:
             assert row.stats["fused"] > 0
 
         # Independent check on a fresh input: the returned module against the user's model.
-        y = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(3)).to(dtype)
-        diff, scale = max_abs_difference(model, out, (y,))
-        rtol, atol = graphsel.verify.tolerance_for(dtype)
-        assert scale > 0 and diff <= atol + rtol * scale, f"{name}: max abs error {diff:.3g} at scale {scale:.3g}"
+        assert_within_tolerance(name, *max_abs_difference(model, out, (example_input(name, seed=3),)))
         del out, model
     release_memory()
 

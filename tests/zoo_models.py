@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+import graphsel
 from strategies import randomize_norm_layers
 
 MODELS = torchvision.models.list_models(module=torchvision.models)
@@ -55,3 +56,19 @@ def build(name: str) -> nn.Module:
     return model.eval()
 
 
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return torch.bfloat16 if name in BFLOAT16 else torch.float32
+
+
+def example_input(name: str, seed: int) -> torch.Tensor:
+    """A random 1×3×S×S input of the size and dtype the zoo tests use for ``name``."""
+    size = INPUT_SIZE.get(name, 32)
+    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(dtype_of(name))
+
+
+def assert_within_tolerance(name: str, diff: float, scale: float) -> None:
+    """``diff`` (max abs error) within graphsel's verification tolerance for the model's dtype."""
+    rtol, atol = graphsel.verify.tolerance_for(dtype_of(name))
+    assert scale > 0 and diff <= atol + rtol * scale, f"{name}: max abs error {diff:.3g} at scale {scale:.3g}"
