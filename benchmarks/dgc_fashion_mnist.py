@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -183,7 +184,6 @@ def plot(results: dict, path: Path, ratio: float) -> None:
 
 def seeds_table(seed_runs: list[dict]) -> str:
     """Test accuracy and pruning rate per kind across the training seeds."""
-    import statistics
     rows = []
     kinds = list(dict.fromkeys(r["kind"] for r in seed_runs))
     for kind in kinds:
