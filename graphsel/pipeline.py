@@ -1,7 +1,8 @@
 """``graphsel.transform``: trace, run passes on copies, check each result, verify each contract.
 
-For each pass: deep-copy the current graph, run the pass, ``graph.lint()``, check that every
-module and attribute target resolves, recompile, re-propagate shapes when the graph changed,
+For each pass: copy the current graph (tensors shared copy-on-write), run the pass,
+``graph.lint()``, check that every module and attribute target resolves, recompile and
+re-propagate shapes when the graph, a tensor shape or a module setting changed,
 verify the contract against the previous graph (eval mode; example inputs plus random inputs;
 dtype tolerances), and record a row of the pass history. A failing pass raises
 :class:`~graphsel.PassError` or :class:`~graphsel.FunctionChangedError`; the user's model is never
