@@ -41,13 +41,29 @@ import torch.nn as nn
 
 from graphsel import Contract, Diagnostic, Pass, PassResult, register_pass
 from graphsel.channels import ChannelAnalysis, ChannelGroup, TensorVal
-from graphsel.masks import add_group_mask, removal_positions
+from graphsel.masks import add_group_mask, removal_positions, vanishing_tensors
 from graphsel.meta import graphsel_meta
 from graphsel.verify import eval_mode
 
 from .sconv.ecdm import relu_gaussian_mean   # the selective-convolution paper's E[ReLU(N(β, γ²))]
 
 CRITERIA = ("l1", "bn_gamma", "ecdm")
+
+
+def _spare_vanishing_tensors(a: ChannelAnalysis, groups: list[ChannelGroup], scores: dict[int, np.ndarray],
+                             selection: dict[int, list[int]]) -> dict[int, list[int]]:
+    """Take back, for every tensor the selection would empty (one piece of a split or chunk, say),
+    its highest-scoring removed class, until no tensor is empty."""
+    score_of = {c: (float(scores[g.index][i]), g.index) for g in groups for i, c in enumerate(g.classes)}
+    selection = {gi: list(cs) for gi, cs in selection.items()}
+    while True:
+        removed = {c for cs in selection.values() for c in cs}
+        gone = vanishing_tensors(a, removed)
+        if not gone:
+            return selection
+        _, cls = gone[0]
+        spare = max(set(cls.tolist()) & removed, key=lambda c: score_of[c][0])
+        selection[score_of[spare][1]].remove(spare)
 
 
 class _Scorer:
@@ -235,8 +251,14 @@ class Prune(Pass):
         self.min_channels = min_channels
 
     # -- selection ------------------------------------------------------------------------
-    def _select(self, groups: list[ChannelGroup], scores: dict[int, np.ndarray], ratio: float) -> dict[int, list[int]]:
-        """Per group index: the class labels to remove."""
+    def _select(self, a: ChannelAnalysis, groups: list[ChannelGroup], scores: dict[int, np.ndarray],
+                ratio: float) -> dict[int, list[int]]:
+        """Per group index: the class labels to remove (never every channel of a tensor)."""
+        return _spare_vanishing_tensors(a, groups, scores, self._rank_and_cut(groups, scores, ratio))
+
+    def _rank_and_cut(self, groups: list[ChannelGroup], scores: dict[int, np.ndarray],
+                      ratio: float) -> dict[int, list[int]]:
+        """Per group index: the lowest-scoring classes, as many as the ratio and rounding ask."""
         out: dict[int, list[int]] = {}
         own_ratio = {}
         for g in groups:
@@ -327,7 +349,7 @@ class Prune(Pass):
             best = None
             for _ in range(18):
                 mid = (lo + hi) / 2
-                sel = self._select(groups, scores, mid)
+                sel = self._select(a, groups, scores, mid)
                 m = self._estimate_macs(gm, a, {c for cs in sel.values() for c in cs}, cost)
                 if m <= target:
                     best, hi = (mid, m), mid
@@ -338,7 +360,7 @@ class Prune(Pass):
                 ratio = 0.99
             else:
                 ratio, est = best
-        selection = self._select(groups, scores, ratio)
+        selection = self._select(a, groups, scores, ratio)
         removed = {c for cs in selection.values() for c in cs}
         for src, positions in removal_positions(a, removed).items():
             add_group_mask(gm, src, positions)

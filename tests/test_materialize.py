@@ -259,3 +259,27 @@ def test_materialize_without_masks_is_a_reported_no_op():
     gm = graphsel.transform(model, ["materialize"], torch.randn(1, 3, 8, 8))
     rec = graphsel.graphsel_meta(gm).history[0]
     assert not rec.modified and any("nothing to materialize" in d.message for d in rec.diagnostics)
+
+
+class _ChunkOfTwo(nn.Module):
+    """A 2-channel tensor chunked into two 1-channel pieces: removing either channel empties a piece."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2, 1)
+        self.branch = nn.Conv2d(1, 1, 1)
+        self.out = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        a, b = self.stem(x).chunk(2, 1)
+        return self.out(torch.cat([a, self.branch(b)], 1))
+
+
+@pytest.mark.parametrize("scope", ["global", "uniform"])
+def test_prune_never_empties_one_piece_of_a_split(scope):
+    torch.manual_seed(0)
+    model = _ChunkOfTwo().eval()
+    gm = graphsel.transform(model, [("prune", {"ratio": 0.5, "scope": scope}), "fold_masks", "materialize"],
+                            torch.randn(2, 1, 6, 6))
+    assert graphsel.graphsel_meta(gm).history[2].max_abs <= graphsel.graphsel_meta(gm).history[2].tolerance
+    assert gm.get_submodule("stem").out_channels == 2     # each piece keeps its one channel
