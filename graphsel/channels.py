@@ -147,7 +147,8 @@ class ChannelGroup:
     index: int
     sources: list[str]                       # source module paths / node names
     classes: list[int]                       # class labels, ordered by the first source's channel order
-    positions: dict[str, list[list[int]]]    # source -> for each class, its output positions
+    position_class: dict[str, np.ndarray]    # source -> per output position, its class's index in
+                                             # ``classes`` (-1: a position of another group)
     consumers: list[str]                     # reader nodes (module paths where available)
     frozen_reasons: list[str]
     prunable_classes: list[int]
@@ -155,6 +156,18 @@ class ChannelGroup:
     @property
     def size(self) -> int:
         return len(self.classes)
+
+    @property
+    def positions(self) -> dict[str, list[list[int]]]:
+        """source -> for each class (in ``classes`` order), its output positions."""
+        out = {}
+        for src, pc in self.position_class.items():
+            lst: list[list[int]] = [[] for _ in self.classes]
+            for pos, i in enumerate(pc.tolist()):
+                if i >= 0:
+                    lst[i].append(pos)
+            out[src] = lst
+        return out
 
     @property
     def prunable(self) -> bool:
@@ -301,66 +314,66 @@ class ChannelAnalysis:
         return self.source_module.get(node_name, node_name)
 
     def _build_groups(self) -> None:
+        """Classes with the same set of producing id blocks form a group (vectorised: the models
+        of interest have 10⁴–10⁵ channel ids)."""
         n = self._n_ids
         if n == 0:
             return
-        owner_index = np.zeros(n, dtype=np.int64)
-        for k, start in enumerate(self._id_start):
-            count = self.sources[self._id_owner[k]][1]
-            owner_index[start:start + count] = k
-        # sources per class: unique (class, source block) pairs, grouped by class
-        pairs = np.unique(self.labels * len(self._id_start) + owner_index)
-        pair_cls = (pairs // len(self._id_start)).tolist()
-        pair_own = (pairs % len(self._id_start)).tolist()
-        class_sources: dict[int, tuple[int, ...]] = {}
-        acc: list[int] = []
-        for i, (c, o) in enumerate(zip(pair_cls, pair_own)):
-            acc.append(o)
-            if i + 1 == len(pair_cls) or pair_cls[i + 1] != c:
-                class_sources[c] = tuple(acc)
-                acc = []
-        by_key: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for c, key in class_sources.items():
-            by_key[key].append(c)
-        readers_by_class: dict[int, set[str]] = defaultdict(set)
+        n_src = len(self._id_start)
+        counts = np.array([self.sources[o][1] for o in self._id_owner], dtype=np.int64)
+        owner_index = np.repeat(np.arange(n_src, dtype=np.int64), counts)   # id blocks are consecutive
+        labels = self.labels
+        # (class, block) pairs, sorted by class then block: each class's key is its run of blocks
+        pairs = np.unique(labels * n_src + owner_index)
+        pair_cls, pair_own = pairs // n_src, pairs % n_src
+        classes_present, seg_start, seg_len = np.unique(pair_cls, return_index=True, return_counts=True)
+        key_id = _segment_keys(pair_own, seg_start, seg_len)                 # per present class
+        cls_group = np.full(self.n_classes, -1, dtype=np.int64)
+        cls_group[classes_present] = key_id
+        # classes in the order of their first id (= first position in their first block)
+        _, first_id = np.unique(labels, return_index=True)
+        order = np.argsort(first_id, kind="stable")                         # labels are 0..n_classes-1
+        by_group = order[np.argsort(cls_group[order], kind="stable")]
+        n_groups = int(key_id.max()) + 1
+        bounds = np.searchsorted(cls_group[by_group], np.arange(n_groups + 1))
+        local = np.zeros(self.n_classes, dtype=np.int64)
+        for gi in range(n_groups):
+            local[by_group[bounds[gi]:bounds[gi + 1]]] = np.arange(bounds[gi + 1] - bounds[gi])
+        frozen = np.zeros(self.n_classes, dtype=bool)
+        frozen[list(self.class_frozen)] = True
+        # readers per group
+        consumers: list[set[str]] = [set() for _ in range(n_groups)]
         for r in self.readers:
-            who = r.module or r.node
-            for c in np.unique(self.class_of(r.ids)).tolist():
-                if c >= 0:
-                    readers_by_class[c].add(who)
+            ids = np.asarray(r.ids, dtype=np.int64).ravel()
+            ids = ids[ids >= 0]
+            if len(ids):
+                for gi in np.unique(cls_group[labels[ids]]).tolist():
+                    consumers[gi].add(r.module or r.node)
+        reasons: list[list[str]] = [[] for _ in range(n_groups)]
+        for c in sorted(self.class_frozen, key=lambda c: (cls_group[c], local[c])):
+            lst = reasons[cls_group[c]]
+            for r in self.class_frozen[c]:
+                if r not in lst:
+                    lst.append(r)
         groups = []
-        for key, classes in by_key.items():
-            first = self._id_owner[key[0]]
-            start, count = self.sources[first]
-            first_labels = self.labels[start:start + count]
-            rank = {}
-            for pos, c in enumerate(first_labels.tolist()):
-                rank.setdefault(c, pos)
-            classes = sorted(classes, key=lambda c: rank.get(c, 0))
-            positions: dict[str, list[list[int]]] = {}
-            cls_index = {c: i for i, c in enumerate(classes)}
+        for gi in range(n_groups):
+            members = by_group[bounds[gi]:bounds[gi + 1]]
+            c0 = members[0]
+            i0 = int(np.searchsorted(classes_present, c0))
+            key = pair_own[seg_start[i0]:seg_start[i0] + seg_len[i0]].tolist()
+            position_class: dict[str, np.ndarray] = {}
             for k in key:
                 name = self._id_owner[k]
                 s0, cnt = self.sources[name]
-                lst: list[list[int]] = [[] for _ in classes]
-                for pos, c in enumerate(self.labels[s0:s0 + cnt].tolist()):
-                    i = cls_index.get(c)
-                    if i is not None:
-                        lst[i].append(pos)
-                positions[self.source_name(name)] = lst
-            reasons: list[str] = []
-            for c in classes:
-                for r in self.class_frozen.get(c, []):
-                    if r not in reasons:
-                        reasons.append(r)
-            consumers = sorted(set().union(*(readers_by_class.get(c, set()) for c in classes)))
-            prunable = [c for c in classes if c not in self.class_frozen]
-            groups.append(ChannelGroup(len(groups), [self.source_name(self._id_owner[k]) for k in key], classes,
-                                       positions, consumers, reasons[:6], prunable))
-        order = self.node_order
+                lab = labels[s0:s0 + cnt]
+                position_class[self.source_name(name)] = np.where(cls_group[lab] == gi, local[lab], -1)
+            groups.append(ChannelGroup(gi, [self.source_name(self._id_owner[k]) for k in key], members.tolist(),
+                                       position_class, sorted(consumers[gi]), reasons[gi][:6],
+                                       members[~frozen[members]].tolist()))
+        order_of = self.node_order
         first_node = {}
         for name in self.sources:
-            first_node.setdefault(self.source_name(name), order.get(name, 0))
+            first_node.setdefault(self.source_name(name), order_of.get(name, 0))
         groups.sort(key=lambda g: min(first_node.get(s, 0) for s in g.sources))
         for i, g in enumerate(groups):
             g.index = i
@@ -397,6 +410,32 @@ class ChannelAnalysis:
             if not g.prunable and g.frozen_reasons:
                 counts[g.frozen_reasons[0]] += 1
         return [f"{n} group(s): {r}" for r, n in sorted(counts.items(), key=lambda kv: -kv[1])[:limit]]
+
+
+def _segment_keys(values: np.ndarray, seg_start: np.ndarray, seg_len: np.ndarray,
+                  weights: np.ndarray | None = None) -> np.ndarray:
+    """For consecutive runs of ``values`` (``seg_start``/``seg_len``, non-empty, in order), an id per
+    run: equal ids exactly when the runs are equal, numbered by first occurrence. Runs are hashed
+    (random 64-bit weights, sums wrap) and every run is then compared with its hash class's first
+    run; a collision falls back to exact tuple keys. ``weights`` (per value, uint64) replace the
+    random ones (tests use them to force collisions)."""
+    w = weights if weights is not None else np.random.default_rng(0x9E3779B9).integers(
+        1, 2 ** 63, size=int(values.max()) + 1, dtype=np.uint64)
+    h = np.add.reduceat(w[values], seg_start) ^ (seg_len.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    rep = first[inverse]
+    exact = bool(np.all(seg_len == seg_len[rep]))
+    if exact:
+        seg = np.repeat(np.arange(len(seg_start)), seg_len)
+        offset = np.arange(len(values)) - seg_start[seg]
+        exact = bool(np.all(values == values[seg_start[rep[seg]] + offset]))
+    if not exact:
+        keys: dict[tuple, int] = {}
+        return np.array([keys.setdefault(tuple(values[a:a + n].tolist()), len(keys))
+                         for a, n in zip(seg_start.tolist(), seg_len.tolist())], dtype=np.int64)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inverse.ravel()]
 
 
 def _tensor_vals(v: Any) -> list[TensorVal]:

@@ -1,6 +1,7 @@
 """``graphsel.transform``: trace, run passes on copies, check each result, verify each contract.
 
-For each pass: copy the current graph (tensors shared copy-on-write), run the pass,
+For each pass: copy the current graph (tensors shared copy-on-write; with ``verify=False`` no
+copy is made, since nothing compares against the previous graph), run the pass,
 ``graph.lint()``, check that every module and attribute target resolves, recompile and
 re-propagate shapes when the graph, a tensor shape or a module setting changed,
 verify the contract against the previous graph (eval mode; example inputs plus random inputs;
@@ -102,9 +103,12 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
     """Run one pass on a copy of ``gm`` with all checks; returns (new gm, history row, new reference outputs)."""
     if verify and reference is None and ctx.verify_inputs():
         reference = [reference_forward(gm, x) for x in ctx.verify_inputs()]
-    work = copy_for_pass(gm, p)
+    # Without verification nothing reads the previous graph again: the pass edits ``gm`` itself
+    # (the pipeline's private copy: ``transform`` traces a deep copy of the user's model).
+    in_place = not verify
+    work = gm if in_place else copy_for_pass(gm, p)
     signature = _shape_signature(work)
-    versions = {} if p.inplace_tensors else _tensor_versions(gm)
+    versions = {} if p.inplace_tensors or in_place else _tensor_versions(gm)
     names_before = {n.name for n in gm.graph.nodes}
     params_before, macs_before = _cost_pair(gm, ctx)
     t0 = time.perf_counter()

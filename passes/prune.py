@@ -93,14 +93,15 @@ class _Scorer:
     # -- L1 --------------------------------------------------------------------------------
     def _l1(self, g: ChannelGroup) -> np.ndarray:
         total = np.zeros(g.size)
-        for src, per_class in g.positions.items():
+        for src, pc in g.position_class.items():
             m = self.modules.get(src)
             if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
                 continue
             w = m.weight.detach()
             norms = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), 1, dim=1).double().numpy()
             norms = norms / (norms.mean() + 1e-12)
-            total += np.array([norms[p].sum() for p in per_class])
+            mine = pc >= 0
+            total += np.bincount(pc[mine], weights=norms[mine], minlength=g.size)
         return total
 
     # -- BN gamma ------------------------------------------------------------------------

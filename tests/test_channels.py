@@ -279,3 +279,28 @@ def test_input_and_output_channels_are_frozen():
     assert not c.prunable and "model output" in c.frozen_reasons
     reader = next(r for r in a.readers if r.module == "a")
     assert (reader.ids == -1).all()                  # the input's channels are not removable
+
+
+# -- grouping internals -------------------------------------------------------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from graphsel.channels import _segment_keys  # noqa: E402
+
+
+def _reference_keys(runs: list[list[int]]) -> list[int]:
+    keys: dict[tuple, int] = {}
+    return [keys.setdefault(tuple(r), len(keys)) for r in runs]
+
+
+@settings(max_examples=200, deadline=None)
+@given(runs=st.lists(st.lists(st.integers(0, 6), min_size=1, max_size=4, unique=True).map(sorted),
+                     min_size=1, max_size=30),
+       collide=st.booleans())
+def test_segment_keys_equal_exactly_when_runs_equal(runs, collide):
+    """Hashed run keys are exact: with weights that make every run of the same length collide,
+    the fallback still separates different runs and numbers them by first occurrence."""
+    values = np.array([v for r in runs for v in r], dtype=np.int64)
+    seg_len = np.array([len(r) for r in runs], dtype=np.int64)
+    seg_start = np.concatenate([[0], np.cumsum(seg_len)[:-1]]).astype(np.int64)
+    weights = np.ones(7, dtype=np.uint64) if collide else None
+    assert _segment_keys(values, seg_start, seg_len, weights).tolist() == _reference_keys(runs)
