@@ -72,7 +72,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.fx as fx
@@ -148,6 +148,14 @@ def _exporting() -> bool:
     return torch.compiler.is_compiling()
 
 
+class _Static(NamedTuple):
+    """Per-layer constants of the fast path (see :meth:`DynamicGroupConv2d._static`)."""
+    key: tuple
+    plan: str                                  # "pointwise" | "transpose" | "strided"
+    tpad: tuple[int, int] | None               # padding of the equivalent transposed conv
+    head_base: torch.Tensor                    # H × 1: i·C_in, row offset of head i in the weight rows
+
+
 @register_leaf_module
 class DynamicGroupConv2d(nn.Module):
     """A dynamic group convolution (see the module docstring for the computation).
@@ -203,8 +211,9 @@ class DynamicGroupConv2d(nn.Module):
         self.fast_inference = True
         self.batch_dispatch = "auto"
         self.last_saliency: torch.Tensor | None = None
-        self.last_kept: torch.Tensor | None = None
+        self._kept: Any = None            # last_kept: a tensor, or (n, heads, width, device) made on demand
         self._rows_cache: tuple | None = None
+        self._static_cache: _Static | None = None
         self._workspace: threading.local | None = None
         self._k_int, self._global, self._signed, self._mirrored = 0, False, False, None
         self.reset_parameters()
@@ -290,9 +299,27 @@ class DynamicGroupConv2d(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["last_saliency"] = state["last_kept"] = state["_rows_cache"] = state["_workspace"] = None
-        state["_mirrored"] = None
+        state["last_saliency"] = state["_kept"] = state["_rows_cache"] = state["_workspace"] = None
+        state["_static_cache"] = state["_mirrored"] = None
         return state
+
+    def __setstate__(self, state):
+        state.setdefault("_kept", state.pop("last_kept", None))
+        state.setdefault("_static_cache", None)
+        super().__setstate__(state)
+
+    @property
+    def last_kept(self) -> torch.Tensor | None:
+        """Kept-channel counts of the last forward (N × H), or None before the first."""
+        kept = self._kept
+        if isinstance(kept, tuple):                     # head-wise gating: every count is C_in − k
+            n, heads, width, device = kept
+            kept = self._kept = torch.full((n, heads), width, dtype=torch.long, device=device)
+        return kept
+
+    @last_kept.setter
+    def last_kept(self, value: torch.Tensor | None) -> None:
+        self._kept = value
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -312,6 +339,18 @@ class DynamicGroupConv2d(nn.Module):
             x = self.norm(x)
         return torch.relu(x) if self.pre_relu else x
 
+    def _preactivation_nograd(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`preactivation` without autograd: an eval-mode BatchNorm2d runs as one
+        ``batch_norm`` call and the ReLU in place on its fresh output."""
+        norm = self.norm
+        if norm is None:
+            return torch.relu(x) if self.pre_relu else x
+        if norm.training or norm.running_mean is None or type(norm).forward is not nn.BatchNorm2d.forward:
+            x = norm(x)
+        else:
+            x = F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+        return x.relu_() if self.pre_relu else x
+
     def saliencies(self, xhat: torch.Tensor) -> torch.Tensor:
         """g (N × H × C_in): the generators' output on GAP(x̂), after ReLU unless signed."""
         g = self.saliency(xhat.flatten(2).mean(-1))
@@ -320,14 +359,26 @@ class DynamicGroupConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         exporting = _exporting()
-        if not exporting:
-            self._sync_from_buffers()
-        xhat = self.preactivation(x)
-        g = self.saliencies(xhat)
+        if exporting:
+            return self._forward(x, True, False)
+        self._sync_from_buffers()
+        inference = not self.training and self.fast_inference and not torch.is_grad_enabled()
+        return self._forward(x, False, inference)
+
+    def _forward(self, x: torch.Tensor, exporting: bool, inference: bool) -> torch.Tensor:
+        if inference:                 # eval, fast path, no autograd: fewer dispatches, in-place ReLUs
+            xhat = self._preactivation_nograd(x)
+            g = self.saliency(xhat.mean((2, 3)))
+            if not self._signed:
+                g = g.relu_()
+        else:
+            xhat = self.preactivation(x)
+            g = self.saliencies(xhat)
         idx, scale, kept = self._selection(g, exporting)
         if not exporting:
-            self.last_saliency = g
-            self.last_kept = kept.detach()
+            state = self.__dict__     # plain attributes: skip nn.Module.__setattr__'s checks
+            state["last_saliency"] = g
+            state["_kept"] = kept if isinstance(kept, tuple) else kept.detach()
         if idx is None or self.training or not self.fast_inference:
             return self._masked_forward(xhat, g, idx, scale)
         return self._gathered_forward(xhat, idx, scale)
@@ -335,9 +386,13 @@ class DynamicGroupConv2d(nn.Module):
     def _selection(self, g: torch.Tensor, exporting: bool):
         """(idx, scale, kept): per sample and head, the kept channels ranked by |g| (N × H × K),
         their gate values (g, or 0 for padding entries under the global threshold) and the kept
-        counts (N × H). ``idx`` is None when every channel is kept (k = 0, or T = 0)."""
+        counts (N × H; in eager head-wise gating the tuple (N, H, C_in − k, device) from which
+        :attr:`last_kept` makes them on demand). ``idx`` is None when every channel is kept
+        (k = 0, or T = 0)."""
         n, heads, c = g.shape
-        key = g.detach().abs()
+        key = g.detach()
+        if self._signed or exporting:
+            key = key.abs()           # unsigned saliencies are ReLU outputs: |g| = g, same order
         if self._global:
             keep = key >= self.threshold
             kept = keep.sum(-1)
@@ -347,7 +402,8 @@ class DynamicGroupConv2d(nn.Module):
             idx = _rank(key, width, exporting)
             return idx, torch.gather(g, -1, idx) * torch.gather(keep, -1, idx).to(g.dtype), kept
         width = c - self._k_int
-        kept = torch.full((n, heads), width, dtype=torch.long, device=g.device)
+        kept = (torch.full((n, heads), width, dtype=torch.long, device=g.device) if exporting
+                else (n, heads, width, g.device))
         if width == c:
             return None, None, kept
         idx = _rank(key, width, exporting)
@@ -373,12 +429,18 @@ class DynamicGroupConv2d(nn.Module):
         return self._interleave(out)
 
     def _interleave(self, out: torch.Tensor) -> torch.Tensor:
-        """Head-major conv output → output channel j·H + i from head i; then the bias."""
+        """Head-major conv output → output channel j·H + i from head i; then the bias. Without
+        autograd both happen in one pass over the output (one ``add`` into a fresh tensor)."""
         n, co, ho, wo = out.shape
-        out = out.view(n, self.heads, co // self.heads, ho, wo).transpose(1, 2).reshape(n, co, ho, wo)
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out
+        heads, bias = self.heads, self.bias
+        src = out.view(n, heads, co // heads, ho, wo).transpose(1, 2)
+        if bias is None:
+            return src.reshape(n, co, ho, wo)
+        if _exporting() or (torch.is_grad_enabled() and (out.requires_grad or bias.requires_grad)):
+            return src.reshape(n, co, ho, wo) + bias.view(1, -1, 1, 1)
+        res = torch.empty((n, co // heads, heads, ho, wo), dtype=out.dtype, device=out.device)
+        torch.add(src, bias.view(1, co // heads, heads, 1, 1), out=res)
+        return res.view(n, co, ho, wo)
 
     # -- the fast inference path ----------------------------------------------------------------
     def _numeric_padding(self) -> tuple[int, int]:
@@ -402,6 +464,22 @@ class DynamicGroupConv2d(nn.Module):
                 p <= d * (k - 1) for p, d, k in zip(pad, self.dilation, self.kernel_size)):
             return "transpose"
         return "strided"
+
+    def _static(self, device: torch.device) -> "_Static":
+        """The geometry-derived constants of the fast path (plan, transposed-conv padding, head
+        offsets), computed once and recomputed only when a setting they depend on changes."""
+        key = (self.kernel_size, self.stride, self.padding, self.dilation, self.heads, self.in_channels,
+               self.out_channels, device)
+        st = self._static_cache
+        if st is None or st.key != key:
+            plan = self._fast_plan()
+            tpad = None
+            if plan == "transpose":
+                tpad = tuple(d * (k - 1) - p for p, d, k in zip(self._numeric_padding(), self.dilation,
+                                                                self.kernel_size))
+            head_base = (torch.arange(self.heads, device=device) * self.in_channels).view(self.heads, 1)
+            st = self._static_cache = _Static(key, plan, tpad, head_base)
+        return st
 
     def _weight_rows(self, flip: bool) -> torch.Tensor:
         """The weight re-laid out C_in-major per head: (H·C_in) × (C_out/H) × kh × kw, spatially
@@ -455,7 +533,8 @@ class DynamicGroupConv2d(nn.Module):
         (N × H × U), with the matching weight rows: one conv with groups = H and U inputs per group.
         Without autograd, the gathered operands live in reused per-thread buffers (fresh
         allocations of this size cost as much as the narrower conv saves on CPU)."""
-        plan = self._fast_plan()
+        st = self._static(idx.device)
+        plan = st.plan
         if plan == "pointwise" and self.stride != (1, 1):
             xhat = xhat[:, :, ::self.stride[0], ::self.stride[1]]
         n, c, h, w = xhat.shape
@@ -463,18 +542,18 @@ class DynamicGroupConv2d(nn.Module):
         co_h = self.out_channels // heads
         kh, kw = self.kernel_size
         reuse = not _exporting() and not (torch.is_grad_enabled() and (xhat.requires_grad or self.weight.requires_grad))
-        head_base = (torch.arange(heads, device=idx.device) * c).view(heads, 1)
         gate = gate.to(xhat.dtype)
         xs = self._gather(xhat, 1, idx.reshape(-1), "x", reuse)                        # N × (H·U) × h × w
         if plan == "strided":
             # weight rows gathered in (channel, head) order form a strided view C_out × U × kh × kw
             # that the grouped conv reads without a copy
-            sel = (idx + head_base).transpose(0, 1).reshape(-1)
+            sel = (idx + st.head_base).transpose(0, 1).reshape(-1)
             wv = self._gather(self._weight_rows(flip=False), 0, sel, "w", reuse).view(width, self.out_channels, kh, kw)
             xs = _scale(xs, gate.reshape(n, heads * width, 1, 1), reuse)
             out = F.conv2d(xs, wv.transpose(0, 1), None, self.stride, self.padding, self.dilation, heads)
             return self._interleave(out)
-        rows = self._gather(self._weight_rows(flip=plan == "transpose"), 0, (idx + head_base).reshape(-1), "w", reuse)
+        rows = self._gather(self._weight_rows(flip=plan == "transpose"), 0, (idx + st.head_base).reshape(-1), "w",
+                            reuse)
         if n == 1 and h * w > co_h * kh * kw:             # scale whichever operand is smaller
             rows = _scale(rows, gate.reshape(-1, 1, 1, 1), reuse)
         else:
@@ -482,8 +561,7 @@ class DynamicGroupConv2d(nn.Module):
         if plan == "pointwise":                           # N × H × Co/H × (h·w) = rowsᵀ @ xs
             out = torch.matmul(rows.view(heads, width, co_h).transpose(1, 2), xs.view(n, heads, width, h * w))
             return self._interleave(out.view(n, self.out_channels, h, w))
-        pad = tuple(d * (k - 1) - p for p, d, k in zip(self._numeric_padding(), self.dilation, self.kernel_size))
-        return self._interleave(F.conv_transpose2d(xs, rows, None, 1, pad, 0, heads, self.dilation))
+        return self._interleave(F.conv_transpose2d(xs, rows, None, 1, st.tpad, 0, heads, self.dilation))
 
     def _gather(self, src: torch.Tensor, dim: int, index: torch.Tensor, name: str, reuse: bool) -> torch.Tensor:
         """``src.index_select(dim, index)``, written into a reused buffer when ``reuse``."""
