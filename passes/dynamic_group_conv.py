@@ -214,7 +214,6 @@ class DynamicGroupConv2d(nn.Module):
         self._kept: Any = None            # last_kept: a tensor, or (n, heads, width, device) made on demand
         self._rows_cache: tuple | None = None
         self._static_cache: _Static | None = None
-        self._workspace: threading.local | None = None
         self._k_int, self._global, self._signed, self._mirrored = 0, False, False, None
         self.reset_parameters()
 
@@ -299,13 +298,14 @@ class DynamicGroupConv2d(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["last_saliency"] = state["_kept"] = state["_rows_cache"] = state["_workspace"] = None
-        state["_static_cache"] = state["_mirrored"] = None
+        state["last_saliency"] = state["_kept"] = state["_rows_cache"] = state["_static_cache"] = None
+        state["_mirrored"] = None
         return state
 
     def __setstate__(self, state):
         state.setdefault("_kept", state.pop("last_kept", None))
         state.setdefault("_static_cache", None)
+        state.pop("_workspace", None)                   # per-module buffers of earlier versions
         super().__setstate__(state)
 
     @property
@@ -564,20 +564,29 @@ class DynamicGroupConv2d(nn.Module):
         return self._interleave(F.conv_transpose2d(xs, rows, None, 1, st.tpad, 0, heads, self.dilation))
 
     def _gather(self, src: torch.Tensor, dim: int, index: torch.Tensor, name: str, reuse: bool) -> torch.Tensor:
-        """``src.index_select(dim, index)``, written into a reused buffer when ``reuse``."""
+        """``src.index_select(dim, index)``, written into a reused buffer when ``reuse``: one per
+        thread, shared by all DGC layers (a layer's operands are dead once its conv returned), so
+        that in a network the buffer each layer writes is still in cache from the previous one."""
         if not reuse:
             return src.index_select(dim, index)
         shape = list(src.shape)
         shape[dim] = index.numel()
-        if self._workspace is None:
-            self._workspace = threading.local()
-        store = self._workspace.__dict__
-        key = (name, src.dtype, src.device, torch.is_inference_mode_enabled())
-        numel = math.prod(shape)
-        buf = store.get(key)
-        if buf is None or buf.numel() < numel:
-            buf = store[key] = torch.empty(numel, dtype=src.dtype, device=src.device)
-        return torch.index_select(src, dim, index, out=buf[:numel].view(shape))
+        return torch.index_select(src, dim, index, out=_buffer(name, shape, src))
+
+
+_WORKSPACE = threading.local()
+
+
+def _buffer(name: str, shape: list[int], like: torch.Tensor) -> torch.Tensor:
+    """A per-thread scratch tensor of ``shape`` (dtype and device of ``like``), grown on demand and
+    shared by every DGC layer; its contents are dead after the call that asked for it."""
+    store = _WORKSPACE.__dict__
+    key = (name, like.dtype, like.device, torch.is_inference_mode_enabled())
+    numel = math.prod(shape)
+    buf = store.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = store[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel].view(shape)
 
 
 def _scale(t: torch.Tensor, factor: torch.Tensor, inplace: bool) -> torch.Tensor:
