@@ -297,6 +297,17 @@ class ChannelAnalysis:
                             f"{_fn_name(node)} reshapes channels in a way that does not survive removal (node {node.name})")
                 return
 
+    def class_lookup(self, classes: Iterable[int] | np.ndarray) -> np.ndarray:
+        """A bool table over class labels with one extra False entry at the end, so that
+        ``table[class_of(ids)]`` tells which positions belong to ``classes`` (label -1 → False):
+        the vectorised ``np.isin`` for repeated membership tests against one set."""
+        table = np.zeros(self.n_classes + 1, dtype=bool)
+        arr = classes if isinstance(classes, np.ndarray) else np.fromiter(classes, dtype=np.int64)
+        if len(arr):
+            table[arr] = True
+        table[-1] = False
+        return table
+
     def class_of(self, ids: np.ndarray) -> np.ndarray:
         """Class label per id (-1 stays -1)."""
         ids = np.asarray(ids, dtype=np.int64)

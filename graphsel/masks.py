@@ -107,7 +107,7 @@ class ResolvedMasks:
         cls = self.analysis.class_of(v.ids)
         if not self.removed_classes:
             return np.ones(len(cls), dtype=bool)
-        return ~np.isin(cls, np.fromiter(self.removed_classes, dtype=np.int64))
+        return ~self.analysis.class_lookup(self.removed_classes)[cls]
 
 
 def _closest(name: str, names: Iterable[str]) -> str:
@@ -190,13 +190,13 @@ def vanishing_tensors(a: ChannelAnalysis, removed: set[int]) -> list[tuple[str, 
     """Nodes whose every channel position would be removed (name, their classes)."""
     if not removed:
         return []
-    rem = np.fromiter(removed, dtype=np.int64)
+    gone = a.class_lookup(removed)
     out = []
     for name, v in a.values.items():
         for t in (v if isinstance(v, tuple) else (v,)):
             if isinstance(t, TensorVal) and t.has_channels and len(t.ids):
                 cls = a.class_of(t.ids)
-                if (cls >= 0).all() and np.isin(cls, rem).all():
+                if gone[cls].all():                    # label -1 (no channel) counts as kept
                     out.append((name, cls))
     return out
 
@@ -204,9 +204,9 @@ def vanishing_tensors(a: ChannelAnalysis, removed: set[int]) -> list[tuple[str, 
 def _check_sources_survive(a: ChannelAnalysis, removed: set[int]) -> None:
     if not removed:
         return
-    rem = np.fromiter(removed, dtype=np.int64)
+    gone = a.class_lookup(removed)
     for node_name, (start, count) in a.sources.items():
-        if count and np.isin(a.labels[start:start + count], rem).all():
+        if count and gone[a.labels[start:start + count]].all():
             raise MaskError(f"the masks remove all {count} output channels of '{a.source_name(node_name)}'; keep "
                             f"at least one channel (graphsel does not delete whole layers by masking)")
     gone = vanishing_tensors(a, removed)
@@ -240,10 +240,10 @@ def removal_positions(a: ChannelAnalysis, classes: set[int]) -> dict[str, set[in
     """Group masks (source -> output positions) equivalent to removing ``classes``."""
     if not classes:
         return {}
-    rem = np.fromiter(classes, dtype=np.int64)
+    gone = a.class_lookup(classes)
     out: dict[str, set[int]] = {}
     for node_name, (start, count) in a.sources.items():
-        hit = np.flatnonzero(np.isin(a.labels[start:start + count], rem))
+        hit = np.flatnonzero(gone[a.labels[start:start + count]])
         if len(hit):
             out.setdefault(a.source_name(node_name), set()).update(hit.tolist())
     return out

@@ -1,13 +1,21 @@
 """``graphsel.transform``: trace, run passes on copies, check each result, verify each contract.
 
-For each pass: copy the current graph (tensors shared copy-on-write; with ``verify=False`` no
-copy is made, since nothing compares against the previous graph), run the pass,
+For each pass: copy the current graph (tensors shared copy-on-write), run the pass,
 ``graph.lint()``, check that every module and attribute target resolves, recompile and
 re-propagate shapes when the graph, a tensor shape or a module setting changed,
 verify the contract against the previous graph (eval mode; example inputs plus random inputs;
 dtype tolerances), and record a row of the pass history. A failing pass raises
 :class:`~graphsel.PassError` or :class:`~graphsel.FunctionChangedError`; the user's model is never
 touched (tracing works on a deep copy).
+
+``verify=False`` is the fast path for trusted passes: nothing compares against the previous
+graph, so passes edit the pipeline's graph directly (no per-pass copies), and the traced copy
+holds the user's own Parameter objects (buffers are copied) until the end, when every parameter
+still shared is cloned — the returned module never aliases the user's. Passes replace tensors
+rather than write into them (the version-counter check still runs and raises), and a pass that
+declares ``inplace_tensors`` gets a deep copy first; a third-party pass that writes into a
+parameter without declaring it is reported, but only after the write: use the default
+``verify=True`` for untrusted passes.
 """
 from __future__ import annotations
 
@@ -104,11 +112,11 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
     if verify and reference is None and ctx.verify_inputs():
         reference = [reference_forward(gm, x) for x in ctx.verify_inputs()]
     # Without verification nothing reads the previous graph again: the pass edits ``gm`` itself
-    # (the pipeline's private copy: ``transform`` traces a deep copy of the user's model).
-    in_place = not verify
+    # (the pipeline's own modules; tensors a pass may edit in place are still copied first).
+    in_place = not verify and not p.inplace_tensors
     work = gm if in_place else copy_for_pass(gm, p)
     signature = _shape_signature(work)
-    versions = {} if p.inplace_tensors or in_place else _tensor_versions(gm)
+    versions = {} if p.inplace_tensors else _tensor_versions(gm)
     names_before = {n.name for n in gm.graph.nodes}
     params_before, macs_before = _cost_pair(gm, ctx)
     t0 = time.perf_counter()
@@ -207,6 +215,7 @@ def transform(model: nn.Module, passes: Any, example_inputs: Any = None, *, veri
         raise TypeError(f"graphsel.transform expects a torch.nn.Module, got {type(model).__name__}")
     pipeline = resolve_passes(passes)
     mode = _mode_of(model)
+    shared: dict[int, torch.Tensor] = {}
     if isinstance(model, fx.GraphModule) and graphsel_meta(model, create=False) is not None:
         gm = copy.deepcopy(model)
         if example_inputs is not None:
@@ -215,7 +224,10 @@ def transform(model: nn.Module, passes: Any, example_inputs: Any = None, *, veri
             propagate_shapes(gm, inputs)
             gm.meta["graphsel_example_inputs"] = inputs
     else:
-        gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                   share_parameters=not verify)
+        if not verify:
+            shared = {id(t): t for t in model.parameters()}
     ctx = PassContext(example_inputs_of(gm), n_random_inputs=n_random_inputs, seed=seed)
     reference = None
     bar = tqdm(pipeline, desc="graphsel", unit="pass", disable=(not progress) if progress is not None else None,
@@ -223,6 +235,21 @@ def transform(model: nn.Module, passes: Any, example_inputs: Any = None, *, veri
     for p in bar:
         bar.set_postfix_str(p.name)
         gm, _, reference = run_pass(p, gm, ctx, verify=verify, reference=reference, rtol=rtol, atol=atol)
+    if shared:
+        unshare_parameters(gm, shared)
     if mode is not None:
         gm.train(mode)
     return gm
+
+
+def unshare_parameters(gm: nn.Module, shared: dict[int, torch.Tensor]) -> int:
+    """Replace every parameter of ``gm`` that is one of ``shared`` (by identity) with a clone (tied
+    parameters stay tied); returns how many were cloned."""
+    clones: dict[int, nn.Parameter] = {}
+    for m in gm.modules():
+        for name, t in m._parameters.items():
+            if t is not None and id(t) in shared and shared[id(t)] is t:
+                if id(t) not in clones:
+                    clones[id(t)] = nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
+                m._parameters[name] = clones[id(t)]
+    return len(clones)

@@ -2,7 +2,8 @@
 the mask oracle, which runs channel-reducing ops on the kept channels only).
 
 Every function takes ``keep``: a 1-D LongTensor (or sequence) of positions to keep, in order,
-and returns a NEW module; the input module is never modified.
+and returns a NEW module; the input module is never modified. Sliced tensors are fresh memory
+(``index_select`` copies); a tensor that is not sliced is cloned, so nothing is shared.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def as_index(keep: Sequence[int] | torch.Tensor, device=None) -> torch.Tensor:
 def slice_tensor(t: torch.Tensor, dim: int, keep) -> torch.Tensor:
     """``t.index_select(dim, keep)`` keeping Parameter-ness and requires_grad."""
     idx = as_index(keep, t.device)
-    out = t.detach().index_select(dim, idx).clone()
+    out = t.detach().index_select(dim, idx)            # a copy already
     if isinstance(t, nn.Parameter):
         return nn.Parameter(out, requires_grad=t.requires_grad)
     return out
@@ -56,7 +57,7 @@ def slice_conv(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, keep_out=None, keep_in=None
         keep_out = as_index(keep_out)
         w = w.detach().index_select(0, keep_out)
         if m.bias is not None:
-            new.bias = nn.Parameter(m.bias.detach().index_select(0, keep_out).clone(), m.bias.requires_grad)
+            new.bias = nn.Parameter(m.bias.detach().index_select(0, keep_out), m.bias.requires_grad)
         new.out_channels = len(keep_out)
     if keep_in is not None:
         keep_in = as_index(keep_in)
@@ -69,7 +70,7 @@ def slice_conv(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, keep_out=None, keep_in=None
                 raise ValueError(f"grouped conv input positions differ between groups: {keep_in.tolist()}")
             w = w.index_select(1, local[0])
         new.in_channels = len(keep_in)
-    new.weight = nn.Parameter(w.detach().clone(), m.weight.requires_grad)
+    new.weight = nn.Parameter(w.detach() if w is not m.weight else w.detach().clone(), m.weight.requires_grad)
     return new
 
 
@@ -77,9 +78,9 @@ def slice_depthwise(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, keep) -> nn.Module:
     """A depthwise conv (groups = in = out channels) restricted to channels ``keep``."""
     keep = as_index(keep)
     new = _clone(m)
-    new.weight = nn.Parameter(m.weight.detach().index_select(0, keep).clone(), m.weight.requires_grad)
+    new.weight = nn.Parameter(m.weight.detach().index_select(0, keep), m.weight.requires_grad)
     if m.bias is not None:
-        new.bias = nn.Parameter(m.bias.detach().index_select(0, keep).clone(), m.bias.requires_grad)
+        new.bias = nn.Parameter(m.bias.detach().index_select(0, keep), m.bias.requires_grad)
     new.in_channels = new.out_channels = new.groups = len(keep)
     return new
 
@@ -91,13 +92,14 @@ def slice_linear(m: nn.Linear, keep_out=None, keep_in=None) -> nn.Linear:
         keep_out = as_index(keep_out)
         w = w.index_select(0, keep_out)
         if m.bias is not None:
-            new.bias = nn.Parameter(m.bias.detach().index_select(0, keep_out).clone(), m.bias.requires_grad)
+            new.bias = nn.Parameter(m.bias.detach().index_select(0, keep_out), m.bias.requires_grad)
         new.out_features = len(keep_out)
     if keep_in is not None:
         keep_in = as_index(keep_in)
         w = w.index_select(1, keep_in)
         new.in_features = len(keep_in)
-    new.weight = nn.Parameter(w.clone(), m.weight.requires_grad)
+    new.weight = nn.Parameter(w if (keep_out is not None or keep_in is not None) else w.clone(),
+                              m.weight.requires_grad)
     return new
 
 

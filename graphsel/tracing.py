@@ -235,12 +235,17 @@ def infer_example_inputs(gm: fx.GraphModule) -> tuple[tuple, str]:
 
 
 def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequence[type | str] = (),
-          concrete_args: dict[str, Any] | None = None, max_auto_leaves: int = 64) -> fx.GraphModule:
+          concrete_args: dict[str, Any] | None = None, max_auto_leaves: int = 64,
+          share_parameters: bool = False) -> fx.GraphModule:
     """Trace ``model`` into a :class:`torch.fx.GraphModule` (see the module docstring).
 
     ``example_inputs`` (a tensor or a tuple of tensors) are used for shape propagation; without
     them an image-classifier input is inferred from the first convolution and the report says so.
     ``leaf_modules`` may hold module classes and dotted module paths to keep opaque.
+    ``share_parameters``: the copy holds ``model``'s own Parameter objects instead of copies
+    (buffers are always copied). Whoever asks for this must not write into them and must clone
+    what is still shared before handing the module out (``graphsel.transform(verify=False)``
+    does both); by default nothing is shared.
     The graph has eval-mode semantics (module docstring); every module of the returned
     GraphModule has the training flag of its counterpart in ``model``, which is never touched.
     """
@@ -270,7 +275,7 @@ def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequenc
     t0 = time.perf_counter()
     leafed: list[LeafRecord] = []
     work, graph = _trace_with_auto_leafing(model, leaf_types, leaf_paths, leafed, concrete_args, max_auto_leaves,
-                                           training=False)
+                                           training=False, share_parameters=share_parameters)
     train_differs = False
     if any(m.training for m in model.modules()):
         # The graph is traced with eval semantics (what graphsel verifies and deploys). Code that
@@ -278,7 +283,7 @@ def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequenc
         # is specialised at trace time; say so when the train-mode trace would differ.
         try:
             _, train_graph = _trace_with_auto_leafing(model, leaf_types, leaf_paths, list(leafed), concrete_args,
-                                                      max_auto_leaves, training=True)
+                                                      max_auto_leaves, training=True, share_parameters=True)
             train_differs = _graph_signature(train_graph) != _graph_signature(graph)
         except Exception:  # noqa: BLE001 - informative only
             train_differs = True
@@ -305,12 +310,14 @@ def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequenc
 
 
 def _trace_with_auto_leafing(model: nn.Module, leaf_types: list, leaf_paths: list, leafed: list[LeafRecord],
-                             concrete_args, max_auto_leaves: int, training: bool) -> tuple[nn.Module, fx.Graph]:
+                             concrete_args, max_auto_leaves: int, training: bool,
+                             share_parameters: bool = False) -> tuple[nn.Module, fx.Graph]:
     """Trace a deep copy of ``model`` (every module's flag set to ``training``), making the innermost
     failing submodule a leaf and retrying; appends to ``leafed``. Returns (copy, graph); the copy's
     modules get the flags of ``model`` back."""
+    shared = {id(p): p for p in model.parameters()} if share_parameters else {}
     while True:
-        work = copy.deepcopy(model)
+        work = copy.deepcopy(model, dict(shared))
         work.train(training)
         tracer = GraphselTracer(leaf_types, list(leaf_paths) + [r.path for r in leafed])
         try:

@@ -46,8 +46,8 @@ _PER_CHANNEL_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm
 
 
 def _keep_mask(a: ChannelAnalysis, ids: np.ndarray, removed: np.ndarray) -> np.ndarray:
-    cls = a.class_of(ids)
-    return ~np.isin(cls, removed) | (cls < 0)
+    """Keep flag per position; ``removed`` is a :meth:`ChannelAnalysis.class_lookup` table."""
+    return ~removed[a.class_of(ids)]
 
 
 class _Materializer:
@@ -71,7 +71,7 @@ class _Materializer:
                 masked = np.zeros(n_in, dtype=bool)
                 masked[[p for p in positions if p < n_in]] = True
                 cls = a.class_of(reader.ids)
-                masked &= ~np.isin(cls, removed_ids)          # removed globally anyway
+                masked &= ~removed_ids[cls]                  # removed globally anyway
                 if not masked.any():
                     continue
                 # whole classes this consumer no longer reads
@@ -81,7 +81,7 @@ class _Materializer:
                         whole[cls == c] = False
                 partial = masked & ~whole
                 m = self.gm.get_submodule(mod)
-                globally_removed = np.isin(cls, removed_ids)
+                globally_removed = removed_ids[cls]
                 survivors = ~whole & ~globally_removed
                 if whole.any() and survivors.any() and len(nodes) == 1 and \
                         self._gather(node, m, a, np.flatnonzero(~whole)):
@@ -94,6 +94,7 @@ class _Materializer:
                     self._zero_columns(m, np.flatnonzero(partial))
 
     def _removed_ids(self, a: ChannelAnalysis, removed: dict[str, set[int]]) -> np.ndarray:
+        """The removed classes as a :meth:`ChannelAnalysis.class_lookup` table."""
         by_module = {}
         for name, path in a.source_module.items():
             by_module.setdefault(path, name)
@@ -103,7 +104,7 @@ class _Materializer:
             if name in a.sources and pos:
                 start, _ = a.sources[name]
                 cls.extend(a.labels[start + np.fromiter(sorted(pos), dtype=np.int64)].tolist())
-        return np.asarray(sorted(set(cls)), dtype=np.int64)
+        return a.class_lookup(np.asarray(sorted(set(cls)), dtype=np.int64))
 
     def _zero_columns(self, m: nn.Module, cols: np.ndarray) -> None:
         w = m.weight.detach().clone()

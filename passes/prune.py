@@ -300,12 +300,12 @@ class Prune(Pass):
         return out
 
     def _estimate_macs(self, gm, a: ChannelAnalysis, removed: set[int], cost) -> float:
-        rem = np.fromiter(removed, dtype=np.int64) if removed else np.zeros(0, dtype=np.int64)
+        gone = a.class_lookup(removed)
         frac: dict[str, dict[str, float]] = {}
         for key, slot in a.slots.items():
             if key[0] == "module":
                 cls = a.class_of(slot.ids[0])
-                frac.setdefault(key[1], {})[key[2]] = float((~np.isin(cls, rem)).mean()) if len(cls) else 1.0
+                frac.setdefault(key[1], {})[key[2]] = float((~gone[cls]).mean()) if len(cls) else 1.0
         total = 0.0
         nodes = {n.name: n for n in gm.graph.nodes}
         for row in cost.rows:

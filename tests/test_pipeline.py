@@ -450,3 +450,46 @@ def test_metadata_only_passes_keep_code_and_shapes_of_their_copy():
     slim = graphsel.transform(gm, ["materialize"])
     conv1 = next(n for n in slim.graph.nodes if n.target == "conv1")
     assert conv1.meta["tensor_meta"].shape[1] == slim.get_submodule("conv1").out_channels < 8
+
+
+# --------------------------------------------------------------------------------------------
+# verify=False: no per-pass copies, parameters shared with the user's model until the end
+# --------------------------------------------------------------------------------------------
+class TiedNet(Net):
+    def __init__(self):
+        super().__init__()
+        self.fc2 = nn.Linear(8, 4)
+        self.fc2.weight = self.fc.weight            # tied
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        f = torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn2(self.conv2(x))), 1), 1)
+        return self.fc(f) + self.fc2(f)
+
+
+@pytest.mark.parametrize("passes", [["fuse_bn"], ["prune", "fold_masks", "materialize"], []])
+def test_verify_false_returns_a_module_sharing_no_tensor_with_the_model(passes):
+    torch.manual_seed(0)
+    model = TiedNet().eval()
+    snap = model_snapshot(model)
+    out = graphsel.transform(model, passes, X, verify=False)
+    theirs = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    assert not any(t.data_ptr() in theirs for t in list(out.parameters()) + list(out.buffers()))
+    if "materialize" not in passes:       # (materialize slices each module: tied weights become two)
+        assert out.get_submodule("fc").weight is out.get_submodule("fc2").weight      # still tied
+    assert_model_unchanged(model, snap)
+    if not passes:
+        assert_same_function(model, out, X)
+
+
+def test_verify_false_in_place_pass_gets_a_copy_and_the_model_survives():
+    model = make_net()
+    snap = model_snapshot(model)
+    out = graphsel.transform(model, [ScaleWeight()], X, verify=False)     # declares inplace_tensors
+    assert torch.allclose(out.get_submodule("conv1").weight, model.conv1.weight * 1.5)
+    assert_model_unchanged(model, snap)
+
+
+def test_verify_false_still_reports_an_undeclared_in_place_edit():
+    with pytest.raises(PassError, match="modified tensor 'conv1.weight' in place"):
+        graphsel.transform(make_net(), [InPlaceWithoutSaying()], X, verify=False)
