@@ -544,20 +544,23 @@ class DynamicGroupConv2d(nn.Module):
         reuse = not _exporting() and not (torch.is_grad_enabled() and (xhat.requires_grad or self.weight.requires_grad))
         gate = gate.to(xhat.dtype)
         xs = self._gather(xhat, 1, idx.reshape(-1), "x", reuse)                        # N × (H·U) × h × w
+        # gate whichever operand is smaller: the weight rows (one sample, large maps) or the inputs
+        gate_rows = n == 1 and h * w > co_h * kh * kw
+        if not gate_rows:
+            xs = _scale(xs, gate.reshape(n, heads * width, 1, 1), reuse)
         if plan == "strided":
             # weight rows gathered in (channel, head) order form a strided view C_out × U × kh × kw
             # that the grouped conv reads without a copy
             sel = (idx + st.head_base).transpose(0, 1).reshape(-1)
-            wv = self._gather(self._weight_rows(flip=False), 0, sel, "w", reuse).view(width, self.out_channels, kh, kw)
-            xs = _scale(xs, gate.reshape(n, heads * width, 1, 1), reuse)
-            out = F.conv2d(xs, wv.transpose(0, 1), None, self.stride, self.padding, self.dilation, heads)
-            return self._interleave(out)
+            rows = self._gather(self._weight_rows(flip=False), 0, sel, "w", reuse)
+            if gate_rows:
+                rows = _scale(rows, gate.reshape(heads, width).transpose(0, 1).reshape(-1, 1, 1, 1), reuse)
+            wv = rows.view(width, self.out_channels, kh, kw).transpose(0, 1)
+            return self._interleave(F.conv2d(xs, wv, None, self.stride, self.padding, self.dilation, heads))
         rows = self._gather(self._weight_rows(flip=plan == "transpose"), 0, (idx + st.head_base).reshape(-1), "w",
                             reuse)
-        if n == 1 and h * w > co_h * kh * kw:             # scale whichever operand is smaller
+        if gate_rows:
             rows = _scale(rows, gate.reshape(-1, 1, 1, 1), reuse)
-        else:
-            xs = _scale(xs, gate.reshape(n, heads * width, 1, 1), reuse)
         if plan == "pointwise":                           # N × H × Co/H × (h·w) = rowsᵀ @ xs
             out = torch.matmul(rows.view(heads, width, co_h).transpose(1, 2), xs.view(n, heads, width, h * w))
             return self._interleave(out.view(n, self.out_channels, h, w))
