@@ -1,0 +1,85 @@
+"""graphsel.copying.deepcopy_module: the result of copy.deepcopy, on random architectures and on
+the awkward cases (aliasing, tied and memo-shared parameters, classes with their own protocol)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+
+from graphsel.copying import deepcopy_module
+from strategies import architectures, assert_same_function
+
+
+def _structure(m: nn.Module) -> list:
+    """Module tree, attribute names and non-tensor attribute values, parameter/buffer shapes."""
+    out = []
+    for name, mod in m.named_modules(remove_duplicate=False):
+        attrs = {k: v for k, v in vars(mod).items()
+                 if not k.startswith("_") and not isinstance(v, (torch.Tensor, nn.Module))}
+        out.append((name, type(mod), sorted(vars(mod)), repr(attrs)))
+    out += [(n, tuple(t.shape), t.dtype) for n, t in m.named_parameters(remove_duplicate=False)]
+    out += [(n, tuple(t.shape), t.dtype) for n, t in m.named_buffers(remove_duplicate=False)]
+    return out
+
+
+def _tensor_ptrs(m: nn.Module) -> set[int]:
+    return {t.data_ptr() for t in list(m.parameters()) + list(m.buffers())}
+
+
+@settings(max_examples=25, deadline=None)
+@given(arch=architectures())
+def test_deepcopy_module_equals_copy_deepcopy_on_random_architectures(arch):
+    model = arch.build()
+    ours, theirs = deepcopy_module(model), copy.deepcopy(model)
+    assert _structure(ours) == _structure(theirs)
+    assert not _tensor_ptrs(ours) & _tensor_ptrs(model)
+    x = (torch.randn(arch.input_shape),)
+    assert_same_function(model, ours, x, rtol=0, atol=0)
+
+
+class _Custom(nn.Module):
+    """Its own __deepcopy__: must be honoured (handed to copy.deepcopy)."""
+    copies = 0
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def __deepcopy__(self, memo):
+        _Custom.copies += 1
+        new = _Custom()
+        new.lin = copy.deepcopy(self.lin, memo)
+        return new
+
+
+class _Aliased(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = self.a                                  # the same module twice
+        self.c = nn.Linear(3, 3)
+        self.c.weight = self.a.weight                    # a tied parameter
+        self.config = {"sizes": [1, 2], "shared": self.a}
+        self.custom = _Custom()
+        self.register_buffer("steps", torch.zeros(()))
+
+
+def test_deepcopy_module_keeps_aliasing_and_respects_custom_protocols():
+    m = _Aliased()
+    new = deepcopy_module(m)
+    assert new.a is new.b and new.a is not m.a
+    assert new.c.weight is new.a.weight and new.a.weight is not m.a.weight
+    assert new.config["shared"] is new.a and new.config["sizes"] == [1, 2]
+    assert new.config["sizes"] is not m.config["sizes"]
+    assert _Custom.copies == 1 and isinstance(new.custom, _Custom)
+    assert new.steps is not m.steps
+
+
+def test_deepcopy_module_shares_what_the_memo_names():
+    m = _Aliased()
+    memo = {id(p): p for p in m.parameters()}
+    new = deepcopy_module(m, memo)
+    assert new.a.weight is m.a.weight and new.c.weight is m.a.weight
+    assert new.steps is not m.steps                    # buffers not in the memo are copied
