@@ -207,6 +207,39 @@ def test_fast_path_outputs_are_fresh_and_agree_across_grad_modes(kernel, stride,
     torch.testing.assert_close(fast_grad, m.weight.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel,stride,padding,k,expected", [
+    (3, 1, 1, 35, 32), (3, 2, 1, 35, 32), (3, 1, 1, 59, 8), (3, 1, 1, 32, 32), (1, 2, 0, 35, 29)])
+@pytest.mark.parametrize("batch,dispatch", [(1, "auto"), (3, "shared"), (3, "per_sample")])
+def test_narrow_conv_runs_aligned_widths_exactly(kernel, stride, padding, k, expected, batch, dispatch, monkeypatch):
+    """On CPU the narrow conv runs a multiple of 16 (8 below 8) input channels per head, the extra
+    ones repeated and gated to 0 (oneDNN's blocked kernels are 2–3× slower otherwise); the 1×1
+    plan (a matmul) is not padded. The result is the naive reference's."""
+    m = _layer(c=64, co=32, kernel=kernel, stride=stride, padding=padding)
+    m.set_k(k)
+    m.batch_dispatch = dispatch
+    seen = []
+    for name in ("conv2d", "conv_transpose2d", "matmul"):
+        fn = getattr(dgc.F, name, None) or getattr(torch, name)
+        spy = (lambda fn: lambda a, b, *r, **kw: seen.append((a.shape, b.shape)) or fn(a, b, *r, **kw))(fn)
+        if name == "matmul":
+            monkeypatch.setattr(dgc.torch, "matmul", spy)
+        else:
+            monkeypatch.setattr(dgc.F, name, spy)
+    x = torch.randn(batch, 64, 9, 9)
+    with torch.no_grad():
+        out = m(x)
+    monkeypatch.undo()
+    torch.testing.assert_close(out, naive_dgc(m, x), rtol=1e-4, atol=1e-4)
+    assert torch.all(m.last_kept == 64 - k)
+    if batch == 1 or dispatch == "per_sample":
+        widths = {a[1] // 4 if kernel == 3 else b[-2] for a, b in seen}
+        assert widths == {expected}, seen
+    else:                                         # the union of the samples' channels, aligned
+        widths = {a[1] // 4 if kernel == 3 else b[-2] for a, b in seen}
+        u = widths.pop()
+        assert not widths and (kernel == 1 or u <= 4 or u == 8 or u % 16 == 0), seen
+
+
 def test_buffers_changed_in_place_take_effect_and_modules_pickle():
     m = _layer()
     x = torch.randn(2, 8, 7, 7)
