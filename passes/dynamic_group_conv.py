@@ -437,19 +437,25 @@ class DynamicGroupConv2d(nn.Module):
         out = F.conv2d(stacked, self.weight, None, self.stride, self.padding, self.dilation, self.heads)
         return self._interleave(out)
 
-    def _interleave(self, out: torch.Tensor) -> torch.Tensor:
+    def _interleave(self, out: torch.Tensor, dest: torch.Tensor | None = None) -> torch.Tensor:
         """Head-major conv output → output channel j·H + i from head i; then the bias. Without
-        autograd both happen in one pass over the output (one ``add`` into a fresh tensor)."""
+        autograd both happen in one pass over the output (one ``add`` or copy into a fresh tensor,
+        or into ``dest``)."""
         n, co, ho, wo = out.shape
         heads, bias = self.heads, self.bias
         src = out.view(n, heads, co // heads, ho, wo).transpose(1, 2)
+        if dest is None:
+            if bias is None:
+                return src.reshape(n, co, ho, wo)
+            if _exporting() or (torch.is_grad_enabled() and (out.requires_grad or bias.requires_grad)):
+                return src.reshape(n, co, ho, wo) + bias.view(1, -1, 1, 1)
+            dest = torch.empty((n, co, ho, wo), dtype=out.dtype, device=out.device)
+        res = dest.view(n, co // heads, heads, ho, wo)
         if bias is None:
-            return src.reshape(n, co, ho, wo)
-        if _exporting() or (torch.is_grad_enabled() and (out.requires_grad or bias.requires_grad)):
-            return src.reshape(n, co, ho, wo) + bias.view(1, -1, 1, 1)
-        res = torch.empty((n, co // heads, heads, ho, wo), dtype=out.dtype, device=out.device)
-        torch.add(src, bias.view(1, co // heads, heads, 1, 1), out=res)
-        return res.view(n, co, ho, wo)
+            res.copy_(src)
+        else:
+            torch.add(src, bias.view(1, co // heads, heads, 1, 1), out=res)
+        return dest
 
     # -- the fast inference path ----------------------------------------------------------------
     def _numeric_padding(self) -> tuple[int, int]:
@@ -525,17 +531,44 @@ class DynamicGroupConv2d(nn.Module):
         if mode != "per_sample":
             raise ValueError(f"DynamicGroupConv2d.batch_dispatch must be 'auto', 'shared' or 'per_sample', "
                              f"got {self.batch_dispatch!r}")
-        return torch.cat([self._narrow_conv(xhat[s:s + 1], idx[s], scale[s:s + 1]) for s in range(n)], 0)
+        if _exporting() or (torch.is_grad_enabled() and (xhat.requires_grad or self.weight.requires_grad)):
+            return torch.cat([self._narrow_conv(xhat[s:s + 1], idx[s], scale[s:s + 1]) for s in range(n)], 0)
+        # without autograd every sample's output is written straight into its slice of the result
+        out = torch.empty((n, self.out_channels, *self._output_size(*xhat.shape[-2:])), dtype=xhat.dtype,
+                          device=xhat.device)
+        for s in range(n):
+            self._narrow_conv(xhat[s:s + 1], idx[s], scale[s:s + 1], out[s:s + 1])
+        return out
 
-    # weight-gather cost in MAC equivalents per gathered weight element (a gather and the
-    # convolution's own weight re-layout), and the fixed cost of one extra conv call: heuristics
-    _GATHER_COST, _CALL_COST = 16, 10_000_000
+    def _output_size(self, h: int, w: int) -> tuple[int, int]:
+        if self.padding == "same":
+            return h, w
+        pad = (0, 0) if self.padding == "valid" else self.padding
+        return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
+                     zip((h, w), pad, self.dilation, self.kernel_size, self.stride))  # type: ignore[return-value]
+
+    # Batch dispatch cost model, in MAC equivalents: per gathered weight element (the gather and
+    # the convolution's own re-layout of it), per gathered input element (gather and gating) and
+    # per extra conv call (gathers, call, interleave). Fitted to the per-layer times of ResNet-18
+    # at batch 8 (one thread, AVX-512); on its 16 DGC layers with 3×3 kernels it picks the faster
+    # mode. The 1×1 plan (a matmul: cheap calls, tiny MACs) always runs per sample: one shared
+    # matmul over the union was 1.1–1.6× slower there.
+    _GATHER_COST, _INPUT_COST, _CALL_COST = 50, 8, 5_000_000
 
     def _cheaper(self, n: int, width: int, union_width: int, pixels: int) -> str:
+        if self._static(self.weight.device).plan == "pointwise":
+            return "per_sample"
         per_weight = (self.out_channels // self.heads) * self.kernel_size[0] * self.kernel_size[1]
         stride = self.stride[0] * self.stride[1]
-        shared = self.heads * union_width * per_weight * (n * pixels / stride + self._GATHER_COST)
-        per_sample = n * (self.heads * width * per_weight * (pixels / stride + self._GATHER_COST) + self._CALL_COST)
+        gathered = pixels
+        h = self.heads
+
+        def cost(width: int, samples: int) -> float:
+            return (h * width * per_weight * (samples * pixels / stride + self._GATHER_COST)
+                    + self._INPUT_COST * samples * h * width * gathered)
+
+        shared = cost(union_width, n)
+        per_sample = n * (cost(width, 1) + self._CALL_COST)
         return "shared" if shared <= per_sample else "per_sample"
 
     def _aligned(self, width: int, xhat: torch.Tensor) -> int:
@@ -549,11 +582,13 @@ class DynamicGroupConv2d(nn.Module):
             return width
         return 8 if width < 8 else -(-width // 16) * 16
 
-    def _narrow_conv(self, xhat: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    def _narrow_conv(self, xhat: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor,
+                     dest: torch.Tensor | None = None) -> torch.Tensor:
         """Convolve the channels ``idx`` (H × U, per head) of every sample, gated by ``gate``
         (N × H × U), with the matching weight rows: one conv with groups = H and U inputs per group.
         Without autograd, the gathered operands live in reused per-thread buffers (fresh
-        allocations of this size cost as much as the narrower conv saves on CPU)."""
+        allocations of this size cost as much as the narrower conv saves on CPU), and the result
+        goes into ``dest`` when given."""
         st = self._static(idx.device)
         plan = st.plan
         if plan == "pointwise" and self.stride != (1, 1):
@@ -583,15 +618,15 @@ class DynamicGroupConv2d(nn.Module):
             if gate_rows:
                 rows = _scale(rows, gate.reshape(heads, width).transpose(0, 1).reshape(-1, 1, 1, 1), reuse)
             wv = rows.view(width, self.out_channels, kh, kw).transpose(0, 1)
-            return self._interleave(F.conv2d(xs, wv, None, self.stride, self.padding, self.dilation, heads))
+            return self._interleave(F.conv2d(xs, wv, None, self.stride, self.padding, self.dilation, heads), dest)
         rows = self._gather(self._weight_rows(flip=plan == "transpose"), 0, (idx + st.head_base).reshape(-1), "w",
                             reuse)
         if gate_rows:
             rows = _scale(rows, gate.reshape(-1, 1, 1, 1), reuse)
         if plan == "pointwise":                           # N × H × Co/H × (h·w) = rowsᵀ @ xs
             out = torch.matmul(rows.view(heads, width, co_h).transpose(1, 2), xs.view(n, heads, width, h * w))
-            return self._interleave(out.view(n, self.out_channels, h, w))
-        return self._interleave(F.conv_transpose2d(xs, rows, None, 1, st.tpad, 0, heads, self.dilation))
+            return self._interleave(out.view(n, self.out_channels, h, w), dest)
+        return self._interleave(F.conv_transpose2d(xs, rows, None, 1, st.tpad, 0, heads, self.dilation), dest)
 
     def _gather(self, src: torch.Tensor, dim: int, index: torch.Tensor, name: str, reuse: bool) -> torch.Tensor:
         """``src.index_select(dim, index)``, written into a reused buffer when ``reuse``: one per
