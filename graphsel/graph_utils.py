@@ -5,6 +5,18 @@ import torch.fx as fx
 import torch.nn as nn
 
 
+#: ``gm.meta`` key: the graph fingerprint the module's code was last generated for (see :func:`recompile`)
+COMPILED_KEY = "graphsel_compiled_fingerprint"
+
+
+def recompile(gm: fx.GraphModule) -> None:
+    """``gm.recompile()``, recording the graph's fingerprint: the pipeline skips recompiling a
+    graph whose code is already current."""
+    from .context import graph_fingerprint
+    gm.recompile()
+    gm.meta[COMPILED_KEY] = graph_fingerprint(gm)
+
+
 def split_path(path: str) -> tuple[str, str]:
     parent, _, name = path.rpartition(".")
     return parent, name
@@ -33,6 +45,16 @@ def unique_module_path(gm: fx.GraphModule, base: str) -> str:
     while path in existing or _attr_exists(gm, path):
         path, i = f"{base}_{i}", i + 1
     return path
+
+
+def attribute_of(gm: nn.Module, path: str):
+    """The object at dotted ``path`` (what a ``get_attr`` node reads), or None."""
+    obj = gm
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
 
 
 def _attr_exists(gm: nn.Module, path: str) -> bool:

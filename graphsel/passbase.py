@@ -65,12 +65,16 @@ class Diagnostic:
 class PassResult:
     """What a pass returns. ``gm`` may be the module it was given (edited in place: the pipeline
     always hands a pass its own copy) or a new one. ``bound`` is the maximum output deviation an
-    approximate pass promises (absolute), checked by the pipeline when set."""
+    approximate pass promises (absolute), checked by the pipeline when set. ``shapes_current``:
+    the pass recorded every node's new ``tensor_meta`` itself; the pipeline then skips running the
+    model to propagate shapes when it does not verify, and checks the recorded shapes against a
+    real propagation when it does."""
     gm: fx.GraphModule
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
     diagnostics: list[Diagnostic] = field(default_factory=list)
     bound: float | None = None
+    shapes_current: bool = False
 
 
 class Pass:

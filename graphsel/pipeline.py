@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.passes.shape_prop import TensorMetadata
 from tqdm.auto import tqdm
 
 from .context import PassContext, graph_fingerprint
@@ -36,6 +37,7 @@ from .meta import PassRecord, graphsel_meta
 from .passbase import Contract, Pass, PassResult
 from .registry import resolve_passes
 from .shapes import propagate_shapes
+from .graph_utils import COMPILED_KEY
 from .tracing import example_inputs_of, trace
 from .verify import Deviation, compare_outputs, first_divergence, reference_forward
 
@@ -107,15 +109,19 @@ def _shape_signature(gm: fx.GraphModule) -> tuple:
 
 def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = True,
              reference: list[list[torch.Tensor]] | None = None, rtol: float | None = None,
-             atol: float | None = None) -> tuple[fx.GraphModule, PassRecord, list[list[torch.Tensor]] | None]:
-    """Run one pass on a copy of ``gm`` with all checks; returns (new gm, history row, new reference outputs)."""
+             atol: float | None = None, signature: tuple | None = None
+             ) -> tuple[fx.GraphModule, PassRecord, list[list[torch.Tensor]] | None, tuple]:
+    """Run one pass on a copy of ``gm`` with all checks; returns (new gm, history row, new
+    reference outputs, the new gm's shape signature). ``signature``: ``gm``'s, when the caller
+    has it from the previous pass (nothing touched ``gm`` since)."""
     if verify and reference is None and ctx.verify_inputs():
         reference = [reference_forward(gm, x) for x in ctx.verify_inputs()]
     # Without verification nothing reads the previous graph again: the pass edits ``gm`` itself
     # (the pipeline's own modules; tensors a pass may edit in place are still copied first).
     in_place = not verify and not p.inplace_tensors
     work = gm if in_place else copy_for_pass(gm, p)
-    signature = _shape_signature(work)
+    if signature is None:
+        signature = _shape_signature(work)
     versions = {} if p.inplace_tensors else _tensor_versions(gm)
     names_before = {n.name for n in gm.graph.nodes}
     params_before, macs_before = _cost_pair(gm, ctx)
@@ -138,18 +144,28 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
     if not isinstance(new, fx.GraphModule):
         raise PassError(p.name, f"PassResult.gm is a {type(new).__name__}, not a torch.fx.GraphModule")
     new.meta.setdefault("graphsel", graphsel_meta(work))
-    _check_invariants(new, p.name)
-    # a pass that changed only metadata (masks) keeps the code and the shapes its copy carries:
-    # recompiling and re-running the model to propagate shapes are skipped
-    unchanged = new is work and _shape_signature(new) == signature
+    # a pass that changed only metadata (masks) keeps the graph (valid before), the code and the
+    # shapes its copy carries: checking, recompiling and re-running the model are skipped
+    new_signature = _shape_signature(new)
+    unchanged = new is work and new_signature == signature
     if not unchanged:
-        new.recompile()
+        _check_invariants(new, p.name)
+        if new.meta.get(COMPILED_KEY) != new_signature[0]:
+            new.recompile()
+            new.meta[COMPILED_KEY] = new_signature[0]
     inputs = example_inputs_of(new) or ctx.example_inputs
     if result.modified and inputs is not None and not unchanged:
-        try:
-            propagate_shapes(new, inputs)
-        except GraphselError as e:
-            raise PassError(p.name, f"the rewritten graph no longer runs on the example inputs: {e}") from e
+        # a pass that derived the new shapes itself (``shapes_current``) is trusted without
+        # verification; with verification its shapes are checked against a real propagation
+        if verify or not result.shapes_current:
+            predicted = _recorded_shapes(new) if result.shapes_current else None
+            try:
+                propagate_shapes(new, inputs)
+            except GraphselError as e:
+                raise PassError(p.name, f"the rewritten graph no longer runs on the example inputs: {e}") from e
+            if predicted is not None:
+                _check_predicted_shapes(p.name, predicted, _recorded_shapes(new))
+            new_signature = _shape_signature(new)
     names_after = {n.name for n in new.graph.nodes}
     params_after, macs_after = _cost_pair(new, ctx)
 
@@ -181,7 +197,27 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
         tolerance=(dev.tolerance if p.contract is Contract.EXACT else result.bound) if dev else None,
         verify_seconds=time.perf_counter() - vt0, stats=dict(result.stats), diagnostics=list(result.diagnostics))
     graphsel_meta(new).history.append(record)
-    return new, record, new_reference
+    return new, record, new_reference, new_signature
+
+
+def _recorded_shapes(gm: fx.GraphModule) -> dict[str, list[tuple]]:
+    """Node name -> the (shape, dtype) of every tensor in its recorded ``tensor_meta``."""
+    def leaves(tm) -> list[tuple]:
+        if isinstance(tm, TensorMetadata):
+            return [(tuple(tm.shape), tm.dtype)]
+        if isinstance(tm, (tuple, list)):
+            return [x for t in tm for x in leaves(t)]
+        if isinstance(tm, dict):
+            return [x for t in tm.values() for x in leaves(t)]
+        return []
+    return {n.name: leaves(n.meta["tensor_meta"]) for n in gm.graph.nodes if n.meta.get("tensor_meta") is not None}
+
+
+def _check_predicted_shapes(pass_name: str, predicted: dict, actual: dict) -> None:
+    for name, shapes in actual.items():
+        if predicted.get(name) != shapes:
+            raise PassError(pass_name, f"recorded shapes {predicted.get(name)} for node '{name}', but running the "
+                                       f"rewritten graph gives {shapes} (its PassResult says shapes_current=True)")
 
 
 @contextlib.contextmanager
@@ -232,9 +268,11 @@ def transform(model: nn.Module, passes: Any, example_inputs: Any = None, *, veri
     reference = None
     bar = tqdm(pipeline, desc="graphsel", unit="pass", disable=(not progress) if progress is not None else None,
                leave=False)
+    signature = None
     for p in bar:
         bar.set_postfix_str(p.name)
-        gm, _, reference = run_pass(p, gm, ctx, verify=verify, reference=reference, rtol=rtol, atol=atol)
+        gm, _, reference, signature = run_pass(p, gm, ctx, verify=verify, reference=reference, rtol=rtol,
+                                               atol=atol, signature=signature)
     if shared:
         unshare_parameters(gm, shared)
     if mode is not None:

@@ -6,7 +6,7 @@ import io
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .errors import ExampleInputError
 from .meta import InputSpec, graphsel_meta
@@ -99,3 +99,27 @@ def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
     if tm is None or not hasattr(tm, "shape"):
         return None
     return tuple(tm.shape)
+
+
+def resized_meta(tm: TensorMetadata, shape: tuple[int, ...]) -> TensorMetadata | None:
+    """``tm`` for a tensor of ``shape`` laid out like the one ``tm`` describes (same order of
+    dimensions in memory, dense), or None when that layout is not dense and non-overlapping
+    (a strided slice, an expand): then only running the graph gives the layout."""
+    shape = tuple(int(s) for s in shape)
+    old_shape, old_stride = tuple(tm.shape), tuple(tm.stride)
+    if shape == old_shape:
+        return tm
+    if len(shape) != len(old_shape):
+        return None
+    order = sorted(range(len(old_shape)), key=lambda d: (-old_stride[d], d))     # outermost first
+    expect = 1
+    for d in reversed(order):
+        if old_shape[d] != 1 and old_stride[d] != expect:
+            return None
+        expect *= old_shape[d]
+    stride = [0] * len(shape)
+    step = 1
+    for d in reversed(order):
+        stride[d] = step
+        step *= shape[d]
+    return tm._replace(shape=torch.Size(shape), stride=tuple(stride))

@@ -17,7 +17,10 @@ Steps:
 4. shape arguments are rewritten from the new shapes: view / reshape / expand sizes, split sizes
    (``chunk`` along channels becomes ``split``), channel slices and ``narrow`` bounds,
    ``index_select`` positions, ``layer_norm``'s normalized shape;
-5. unused submodules are deleted and the masks cleared.
+5. unused submodules are deleted and the masks cleared;
+6. every node's recorded shape is resized along its channel dimension from the analysis
+   (``PassResult.shapes_current``): the slim model is not run again to learn its shapes. Under
+   verification the pipeline runs it anyway and checks these shapes against the real ones.
 """
 from __future__ import annotations
 
@@ -29,14 +32,15 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from graphsel import Contract, Diagnostic, Pass, PassResult, register_pass
 from graphsel.channels import (ChannelAnalysis, TensorVal, analyze_channels, indexed_dims, _ACT_MODULES,
                                _UNARY_FUNCS, _UNARY_METHODS)
-from graphsel.graph_utils import add_module, call_count, delete_unused_modules, replace_module
+from graphsel.graph_utils import add_module, attribute_of, call_count, delete_unused_modules, recompile, replace_module
 from graphsel.masks import ChannelMasks, clear_masks, resolve_masks
 from graphsel.meta import graphsel_meta
-from graphsel.shapes import propagate_shapes
+from graphsel.shapes import propagate_shapes, resized_meta
 from graphsel.tracing import example_inputs_of
 from graphsel.slicing import slice_conv, slice_linear, slice_per_channel, slice_tensor
 
@@ -196,6 +200,40 @@ class _Materializer:
         else:
             setattr(owner, name, new)
         self.stats["params_sliced"] += 1
+
+    # -- step 6: recorded shapes ------------------------------------------------------------
+    def update_shapes(self, a: ChannelAnalysis, removed: np.ndarray) -> bool:
+        """Resize every node's recorded ``tensor_meta`` along its channel dimension (``get_attr``
+        nodes: read from the sliced tensor) instead of running the slim model again. Nodes without
+        channels keep their shapes: the channel analysis freezes every channel whose removal could
+        reach them. False when some layout cannot be derived (the pipeline then propagates)."""
+        for n in self.gm.graph.nodes:
+            tm = n.meta.get("tensor_meta")
+            if tm is None:
+                continue
+            if n.op == "get_attr":
+                t = attribute_of(self.gm, n.target)
+                if not isinstance(t, torch.Tensor):
+                    return False
+                new = resized_meta(tm, tuple(t.shape)) if isinstance(tm, TensorMetadata) else None
+            else:
+                new = self._resized(tm, a.values.get(n.name), a, removed)
+            if new is None:
+                return False
+            n.meta["tensor_meta"] = new
+        return True
+
+    def _resized(self, tm: Any, v: Any, a: ChannelAnalysis, removed: np.ndarray) -> Any:
+        if isinstance(tm, TensorMetadata):
+            if isinstance(v, TensorVal) and v.has_channels:
+                return resized_meta(tm, self._new_shape(v, a, removed))
+            return tm if not isinstance(v, (tuple, list)) else None
+        if isinstance(tm, (tuple, list)):
+            if isinstance(v, (tuple, list)) and len(v) == len(tm):
+                out = [self._resized(t, x, a, removed) for t, x in zip(tm, v)]
+                return None if any(o is None for o in out) else type(tm)(out)
+            return tm if not isinstance(v, TensorVal) else None     # a barrier's tuple: frozen inputs
+        return None
 
     # -- step 4: shape arguments -----------------------------------------------------------
     def rewrite_shape_args(self, a: ChannelAnalysis, removed: np.ndarray) -> None:
@@ -427,6 +465,7 @@ class Materialize(Pass):
         mat.slice_slots(a2, removed_ids)
         clear_masks(gm)
         delete_unused_modules(gm)
-        gm.recompile()
+        recompile(gm)
+        shapes_current = mat.update_shapes(a2, removed_ids)
         stats = {**mat.stats, "classes_removed": fold_stats["classes_removed"]}
-        return PassResult(gm, modified=True, stats=stats, diagnostics=diags)
+        return PassResult(gm, modified=True, stats=stats, diagnostics=diags, shapes_current=shapes_current)

@@ -298,6 +298,7 @@ def test_things_that_are_not_passes_are_rejected(bad):
 
 
 def test_register_pass_validates_its_input():
+    graphsel.resolve_pass("fuse_bn")             # the built-in passes are registered on first use
     with pytest.raises(TypeError):
         register_pass(nn.Conv2d)
 
@@ -493,3 +494,26 @@ def test_verify_false_in_place_pass_gets_a_copy_and_the_model_survives():
 def test_verify_false_still_reports_an_undeclared_in_place_edit():
     with pytest.raises(PassError, match="modified tensor 'conv1.weight' in place"):
         graphsel.transform(make_net(), [InPlaceWithoutSaying()], X, verify=False)
+
+
+class ClaimsShapes(Pass):
+    """An exact rewrite (a clone after conv1) that records a wrong shape and says shapes_current."""
+    name = "claims_shapes"
+    contract = Contract.EXACT
+
+    def run(self, gm, ctx):
+        conv = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "conv1")
+        with gm.graph.inserting_after(conv):
+            c = gm.graph.call_method("clone", (conv,))
+        conv.replace_all_uses_with(c, delete_user_cb=lambda u: u is not c)
+        tm = conv.meta["tensor_meta"]
+        c.meta["tensor_meta"] = tm._replace(shape=torch.Size([tm.shape[0], tm.shape[1] + 1, *tm.shape[2:]]))
+        return PassResult(gm, modified=True, shapes_current=True)
+
+
+def test_shapes_a_pass_records_are_checked_under_verification_and_trusted_without():
+    with pytest.raises(PassError, match=r"recorded shapes .* for node 'clone'.*shapes_current=True"):
+        graphsel.transform(make_net(), [ClaimsShapes()], X)
+    out = graphsel.transform(make_net(), [ClaimsShapes()], X, verify=False)
+    clone = next(n for n in out.graph.nodes if n.name == "clone")
+    assert clone.meta["tensor_meta"].shape[1] == 9          # the pass's word, not re-propagated

@@ -11,6 +11,8 @@ import torch
 import graphsel
 from graphsel.channels import analyze_channels
 from graphsel.masks import add_group_mask, oracle_forward, removal_positions
+from graphsel.pipeline import _recorded_shapes
+from graphsel.shapes import propagate_shapes
 from zoo_models import REGULAR, assert_within_tolerance, build, example_input, release_memory
 
 
@@ -34,6 +36,10 @@ def check_model(name: str) -> None:
     with torch.no_grad():
         got = slim(x)
     assert_within_tolerance(name, (got.float() - ref.float()).abs().max().item(), ref.float().abs().max().item())
+    # materialize recorded the slim graph's shapes without running it (verify=False trusts them)
+    recorded = _recorded_shapes(slim)
+    propagate_shapes(slim, (x,))
+    assert recorded == _recorded_shapes(slim), f"{name}: materialize's recorded shapes differ from the real ones"
     assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
     del gm, slim, model
     release_memory()
