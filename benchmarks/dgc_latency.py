@@ -13,7 +13,11 @@ For torchvision's ResNet-18 (random initialisation, 224², eval, no grad) conver
 
 The saliency generators get random weights (fc2 ~ N(0, 1/d), bias ~ 1 + N(0, 0.1²)) so that
 samples select different channels, as trained DGC layers do; at insertion every saliency is 1
-and all samples would keep the same channels, which flatters the batched path.
+and all samples would keep the same channels, which flatters the batched path. The DGC model's
+BatchNorm statistics are then re-estimated on a few random batches (``calibrate_batchnorm``):
+with the random-init statistics the gated activations grew layer by layer (a saliency grows
+with its layer's input scale) up to inf/NaN in layer4, unlike a trained network's. Timings do
+not depend on the values; the dense model keeps its random-init statistics.
 
 Timing: each measurement alternates the candidates and keeps the minimum and the median of
 ``--repeats`` rounds (the minimum is robust to other processes on the machine). Threads:
@@ -53,6 +57,22 @@ def randomise_saliency(model: nn.Module, seed: int = 0) -> None:
             m.saliency.fc2_bias.copy_(1 + 0.1 * torch.randn(m.saliency.fc2_bias.shape, generator=gen))
 
 
+def calibrate_batchnorm(model: nn.Module, size: int, batches: int = 4, batch: int = 8, seed: int = 1) -> None:
+    """Re-estimate every BatchNorm's running statistics (cumulative average) on random inputs."""
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(batch, 3, size, size, generator=gen))
+    for bn in norms:
+        bn.momentum = 0.1
+        bn.eval()
+
+
 def dense_layer(model: nn.Module, path: str, m: dgc.DynamicGroupConv2d) -> nn.Module:
     """The dense computation the DGC layer replaced: [its BatchNorm → ReLU] → the original conv."""
     conv = model.get_submodule(path)
@@ -89,6 +109,7 @@ def run(args) -> dict:
                                 verify=False).eval()
         dgc.set_progress(gm, 1.0)
         randomise_saliency(gm)
+        calibrate_batchnorm(gm, args.size)
         dgc_cost = graphsel.cost(gm)
         mac_ratio = dgc_cost.macs / dense_cost.macs
         for batch in args.batches:
