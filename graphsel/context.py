@@ -61,13 +61,14 @@ class PassContext:
         return cls(example_inputs_of(gm), **kw)
 
     # -- analyses -------------------------------------------------------------------------
-    def analysis(self, name: str, gm: fx.GraphModule) -> Any:
-        """The analysis ``name`` of ``gm`` (cached while the graph is unchanged)."""
+    def analysis(self, name: str, gm: fx.GraphModule, *, fingerprint: int | None = None) -> Any:
+        """The analysis ``name`` of ``gm`` (cached while the graph is unchanged). ``fingerprint``:
+        ``graph_fingerprint(gm)``, when the caller has just computed it."""
         if name not in _ANALYSES:
             _load_builtin_analyses()
         if name not in _ANALYSES:
             raise KeyError(f"unknown analysis '{name}'; registered: {', '.join(sorted(_ANALYSES))}")
-        key = (name, graph_fingerprint(gm))
+        key = (name, graph_fingerprint(gm) if fingerprint is None else fingerprint)
         if key not in self._cache:
             self._cache[key] = _ANALYSES[name](gm, self)
         return self._cache[key]

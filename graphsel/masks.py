@@ -74,6 +74,10 @@ def clear_masks(gm: fx.GraphModule) -> None:
 def _positions(removed: Iterable[int], what: str) -> set[int]:
     if isinstance(removed, torch.Tensor):
         removed = removed.flatten().tolist() if removed.dtype != torch.bool else torch.nonzero(removed).flatten().tolist()
+    if not isinstance(removed, (set, frozenset, list, tuple)):
+        removed = list(removed)
+    if all(type(i) is int for i in removed):          # the common case, checked at C speed
+        return set(removed)
     out = set()
     for i in removed:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):

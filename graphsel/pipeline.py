@@ -70,9 +70,9 @@ def _mode_of(model: nn.Module) -> bool | None:
     return flags.pop() if len(flags) == 1 else None
 
 
-def _cost_pair(gm: fx.GraphModule, ctx: PassContext) -> tuple[int | None, int | None]:
+def _cost_pair(gm: fx.GraphModule, ctx: PassContext, fingerprint: int | None = None) -> tuple[int | None, int | None]:
     try:
-        c = ctx.analysis("cost", gm)
+        c = ctx.analysis("cost", gm, fingerprint=fingerprint)
         return c.params, c.macs
     except Exception:  # noqa: BLE001 - cost is informative only
         return sum(p.numel() for p in gm.parameters()), None
@@ -100,11 +100,18 @@ def _shape_signature(gm: fx.GraphModule) -> tuple:
     """What the propagated shapes depend on: the graph's structure (:func:`graph_fingerprint`)
     and the shape, dtype and device of every parameter and buffer, the settings of every leaf
     module (its ``repr``: stride, padding, ...) and which nodes carry shapes."""
-    tensors = [(name, tuple(t.shape), t.dtype, t.device)
-               for name, t in list(gm.named_parameters()) + list(gm.named_buffers())]
+    tensors, modules = [], []
+    for name, m in gm.named_modules():
+        for key, t in m._parameters.items():
+            if t is not None:
+                tensors.append((name, key, t.shape, t.dtype, t.device))
+        for key, t in m._buffers.items():
+            if t is not None:
+                tensors.append((name, key, t.shape, t.dtype, t.device))
+        if name and not m._modules:
+            modules.append(repr(m))
     shaped = frozenset(n.name for n in gm.graph.nodes if "tensor_meta" in n.meta)
-    modules = tuple(repr(m) for name, m in gm.named_modules() if name and not m._modules)
-    return graph_fingerprint(gm), tuple(tensors), shaped, modules
+    return graph_fingerprint(gm), tuple(tensors), shaped, tuple(modules)
 
 
 def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = True,
@@ -124,7 +131,7 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
         signature = _shape_signature(work)
     versions = {} if p.inplace_tensors else _tensor_versions(gm)
     names_before = {n.name for n in gm.graph.nodes}
-    params_before, macs_before = _cost_pair(gm, ctx)
+    params_before, macs_before = _cost_pair(gm, ctx, signature[0])
     t0 = time.perf_counter()
     try:
         result = p(work, ctx)
@@ -167,7 +174,7 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
                 _check_predicted_shapes(p.name, predicted, _recorded_shapes(new))
             new_signature = _shape_signature(new)
     names_after = {n.name for n in new.graph.nodes}
-    params_after, macs_after = _cost_pair(new, ctx)
+    params_after, macs_after = _cost_pair(new, ctx, new_signature[0])
 
     dev: Deviation | None = None
     vt0 = time.perf_counter()

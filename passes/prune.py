@@ -54,13 +54,15 @@ def _spare_vanishing_tensors(a: ChannelAnalysis, groups: list[ChannelGroup], sco
                              selection: dict[int, list[int]]) -> dict[int, list[int]]:
     """Take back, for every tensor the selection would empty (one piece of a split or chunk, say),
     its highest-scoring removed class, until no tensor is empty."""
-    score_of = {c: (float(scores[g.index][i]), g.index) for g in groups for i, c in enumerate(g.classes)}
+    score_of: dict[int, tuple[float, int]] = {}
     selection = {gi: list(cs) for gi, cs in selection.items()}
     while True:
         removed = {c for cs in selection.values() for c in cs}
         gone = vanishing_tensors(a, removed)
         if not gone:
             return selection
+        if not score_of:
+            score_of = {c: (float(scores[g.index][i]), g.index) for g in groups for i, c in enumerate(g.classes)}
         _, cls = gone[0]
         spare = max(set(cls.tolist()) & removed, key=lambda c: score_of[c][0])
         selection[score_of[spare][1]].remove(spare)
@@ -293,10 +295,11 @@ class Prune(Pass):
             n_remove = g.size - kept
             if n_remove <= 0:
                 continue
-            s = scores[g.index]
-            prunable = set(g.prunable_classes)
-            order = sorted((s[i], c) for i, c in enumerate(g.classes) if c in prunable)
-            out[g.index] = [c for _, c in order[:n_remove]]
+            cls = np.asarray(g.classes, dtype=np.int64)
+            pick = np.isin(cls, np.asarray(g.prunable_classes, dtype=np.int64))
+            cls, s = cls[pick], np.asarray(scores[g.index], dtype=np.float64)[pick]
+            order = np.lexsort((cls, s))                      # by score, ties by class label
+            out[g.index] = cls[order[:n_remove]].tolist()
         return out
 
     def _estimate_macs(self, gm, a: ChannelAnalysis, removed: set[int], cost) -> float:
@@ -363,9 +366,10 @@ class Prune(Pass):
                 ratio, est = best
         selection = self._select(a, groups, scores, ratio)
         removed = {c for cs in selection.values() for c in cs}
-        for src, positions in removal_positions(a, removed).items():
+        positions_of = removal_positions(a, removed)
+        for src, positions in positions_of.items():
             add_group_mask(gm, src, positions)
-        channels = sum(len(p) for p in removal_positions(a, removed).values())
+        channels = sum(len(p) for p in positions_of.values())
         stats = {"ratio": round(ratio, 4), "groups_pruned": len(selection), "classes_removed": len(removed),
                  "source_channels_removed": channels}
         if est is not None:
