@@ -414,37 +414,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _NoTracebackPrinting:
-    """Stands in for the ``traceback`` module inside torch's ShapeProp, which prints a traceback
-    before re-raising; the command reports the error itself, on one line."""
-
-    def __init__(self, real):
-        self._real = real
-
-    def print_exc(self, *args, **kwargs) -> None:
-        pass
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-
-@contextlib.contextmanager
-def _quiet_shape_prop(enabled: bool):
-    try:
-        import torch.fx.passes.shape_prop as shape_prop
-    except ImportError:  # pragma: no cover
-        enabled = False
-    if not enabled or not hasattr(shape_prop, "traceback"):
-        yield
-        return
-    real = shape_prop.traceback
-    shape_prop.traceback = _NoTracebackPrinting(real)
-    try:
-        yield
-    finally:
-        shape_prop.traceback = real
-
-
 def _bad_input_types() -> tuple[type[BaseException], ...]:
     from .errors import GraphselError
 
@@ -464,8 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else EXIT_BAD_INPUT
     try:
-        with _quiet_shape_prop(not debug):
-            return args.func(args)
+        return args.func(args)
     except KeyboardInterrupt:
         print("graphsel: interrupted", file=sys.stderr)
         return 130

@@ -1,12 +1,13 @@
-"""Shape propagation: run the graph once on example inputs and record each node's tensor metadata."""
+"""Shape propagation: run the graph once on example inputs and record each node's tensor metadata
+(what ``torch.fx.passes.shape_prop.ShapeProp`` records, at a fraction of its per-node cost)."""
 from __future__ import annotations
 
-import contextlib
-import io
+from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.node import map_aggregate, map_arg
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .errors import ExampleInputError
 from .meta import InputSpec, graphsel_meta
@@ -23,14 +24,85 @@ def node_source(node: fx.Node) -> str:
     return f"{node.op} {node.target}"
 
 
-class _TrackingShapeProp(ShapeProp):
-    """ShapeProp that remembers the node it is running, to name it in errors."""
+def _record(node: fx.Node, result: Any) -> None:
+    """What torch's ShapeProp records: ``tensor_meta`` (mirroring the result's structure) when the
+    result holds a tensor, and ``type``."""
+    found = False
 
-    current: fx.Node | None = None
+    def meta_of(obj: Any) -> Any:
+        nonlocal found
+        if isinstance(obj, torch.Tensor):
+            found = True
+            return _extract_tensor_metadata(obj)
+        return obj
 
-    def run_node(self, n: fx.Node):
-        self.current = n
-        return super().run_node(n)
+    meta = map_aggregate(result, meta_of)
+    if found:
+        node.meta["tensor_meta"] = meta
+    node.meta["type"] = type(result)
+
+
+class _Propagation:
+    """Runs the graph node by node, recording every result (torch.fx's ``ShapeProp`` semantics,
+    without its ``Interpreter`` dispatch: this runs on every trace). Values are freed after their
+    last use; ``current`` names the running node for error messages."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.current: fx.Node | None = None
+
+    def run(self, *inputs: Any) -> Any:
+        gm = self.gm
+        modules = dict(gm.named_modules())
+        nodes = list(gm.graph.nodes)
+        last_use: dict[fx.Node, int] = {}
+        for i, n in enumerate(nodes):
+            for a in n.all_input_nodes:
+                last_use[a] = i
+        dying: dict[int, list[fx.Node]] = {}
+        for a, i in last_use.items():
+            dying.setdefault(i, []).append(a)
+        env: dict[fx.Node, Any] = {}
+        load = env.__getitem__
+        pending = iter(inputs)
+        result = None
+        for i, n in enumerate(nodes):
+            self.current = n
+            op = n.op
+            if op == "placeholder":
+                if str(n.target).startswith("*"):
+                    result = list(pending)
+                else:
+                    result = next(pending, _MISSING)
+                    if result is _MISSING:
+                        if not n.args:
+                            raise RuntimeError(f"expected an input for '{n.target}'")
+                        result = n.args[0]
+            elif op == "get_attr":
+                result = gm
+                for part in str(n.target).split("."):
+                    result = getattr(result, part)
+            elif op == "call_function":
+                result = n.target(*map_arg(n.args, load), **map_arg(n.kwargs, load))
+            elif op == "call_method":
+                self_obj, *args = map_arg(n.args, load)
+                result = getattr(self_obj, n.target)(*args, **map_arg(n.kwargs, load))
+            elif op == "call_module":
+                result = modules[n.target](*map_arg(n.args, load), **map_arg(n.kwargs, load))
+            elif op == "output":
+                result = map_arg(n.args[0], load)
+            else:
+                raise RuntimeError(f"unknown node op '{op}'")
+            env[n] = result
+            _record(n, result)
+            for a in dying.get(i, ()):
+                del env[a]
+            if op == "output":
+                return result
+        return result
+
+
+_MISSING = object()
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
@@ -38,16 +110,12 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     _check_input_count(gm, example_inputs)
     was_training = [m.training for m in gm.modules()]
     gm.eval()
-    prop = _TrackingShapeProp(gm)
+    prop = _Propagation(gm)
     try:
         with torch.no_grad():
-            # torch's ShapeProp prints a traceback before re-raising; the error we raise says it all
-            with contextlib.redirect_stderr(io.StringIO()):
-                prop.propagate(*example_inputs)
+            prop.run(*example_inputs)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         cause = e
-        while cause.__cause__ is not None and str(cause).startswith("ShapeProp error"):
-            cause = cause.__cause__  # ShapeProp wraps the real error
         n = prop.current
         where = f" at node '{n.name}' ({node_source(n)})" if n is not None else ""
         shapes = ", ".join(str(InputSpec.of(t)) if isinstance(t, torch.Tensor) else type(t).__name__
