@@ -605,20 +605,32 @@ class DynamicGroupConv2d(nn.Module):
             idx = torch.cat([idx, idx[:, :1].expand(heads, pad)], 1)
             gate = torch.cat([gate, gate.new_zeros(n, heads, pad)], -1)
             width += pad
+        if plan == "strided" and not _exporting():
+            # the strided plan gathers short runs from every weight row: in increasing channel
+            # order each row is read front to back (≈2× faster from a cold cache than in saliency
+            # order); the conv sums in any order
+            idx, order = torch.sort(idx, dim=-1)
+            gate = torch.gather(gate, -1, order.expand_as(gate))
         xs = self._gather(xhat, 1, idx.reshape(-1), "x", reuse)                        # N × (H·U) × h × w
         # gate whichever operand is smaller: the weight rows (one sample, large maps) or the inputs
         gate_rows = n == 1 and h * w > co_h * kh * kw
         if not gate_rows:
             xs = _scale(xs, gate.reshape(n, heads * width, 1, 1), reuse)
         if plan == "strided":
-            # weight rows gathered in (channel, head) order form a strided view C_out × U × kh × kw
-            # that the grouped conv reads without a copy
-            sel = (idx + st.head_base).transpose(0, 1).reshape(-1)
-            rows = self._gather(self._weight_rows(flip=False), 0, sel, "w", reuse)
+            # the kept input channels of head i, gathered from its rows of the head-major weight
+            # straight into the grouped conv's layout H·(C_out/H) × U × kh × kw (no re-layout copy)
+            wh = self.weight.reshape(heads, co_h, self.in_channels, kh * kw)
+            if reuse:
+                wg = _buffer("w", [heads, co_h, width, kh * kw], wh)
+                for i in range(heads):
+                    torch.index_select(wh[i], 1, idx[i], out=wg[i])
+            else:
+                wg = torch.stack([wh[i].index_select(1, idx[i]) for i in range(heads)])
             if gate_rows:
-                rows = _scale(rows, gate.reshape(heads, width).transpose(0, 1).reshape(-1, 1, 1, 1), reuse)
-            wv = rows.view(width, self.out_channels, kh, kw).transpose(0, 1)
-            return self._interleave(F.conv2d(xs, wv, None, self.stride, self.padding, self.dilation, heads), dest)
+                wg = _scale(wg, gate.reshape(heads, 1, width, 1), reuse)
+            out = F.conv2d(xs, wg.view(self.out_channels, width, kh, kw), None, self.stride, self.padding,
+                           self.dilation, heads)
+            return self._interleave(out, dest)
         rows = self._gather(self._weight_rows(flip=plan == "transpose"), 0, (idx + st.head_base).reshape(-1), "w",
                             reuse)
         if gate_rows:
