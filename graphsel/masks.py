@@ -53,6 +53,11 @@ class ChannelMasks:
     def count(self) -> tuple[int, int]:
         return sum(map(len, self.removed.values())), sum(map(len, self.consumer.values()))
 
+    def key(self) -> tuple[str, str]:
+        """A value equal for equal masks (for caches keyed by masks)."""
+        return (repr(sorted((k, sorted(v)) for k, v in self.removed.items())),
+                repr(sorted((k, sorted(v)) for k, v in self.consumer.items())))
+
 
 def get_masks(gm: fx.GraphModule) -> ChannelMasks:
     meta = graphsel_meta(gm)
@@ -127,8 +132,7 @@ def resolve_masks(gm: fx.GraphModule, masks: ChannelMasks | None = None,
     """Map masks onto channel classes, checking them (unknown modules, out-of-range positions,
     frozen classes, sources left without channels all raise :class:`MaskError`)."""
     masks = masks if masks is not None else (graphsel_meta(gm).masks or ChannelMasks())
-    key = (graph_fingerprint(gm), repr(sorted((k, sorted(v)) for k, v in masks.removed.items())),
-           repr(sorted((k, sorted(v)) for k, v in masks.consumer.items())))
+    key = (graph_fingerprint(gm), *masks.key())
     hit = _CACHE.get(gm)
     if hit is not None and hit[0] == key and (analysis is None or hit[1].analysis is analysis):
         return hit[1]

@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from graphsel import Contract, Diagnostic, Pass, PassResult, register_pass
 from graphsel.masks import ChannelMasks, dead_classes, removal_positions, resolve_masks, vanishing_tensors
+from graphsel.context import graph_fingerprint
 from graphsel.meta import graphsel_meta
 
 
@@ -78,4 +79,20 @@ class FoldMasks(Pass):
             diags.append(Diagnostic(f"{stats['last_channels_kept']} unread channel class(es) kept: removing them "
                                     f"would leave a layer without output channels", level="warning"))
         meta.masks = canonical
+        gm.meta[FOLDED_KEY] = (graph_fingerprint(gm), canonical.key(), stats)
         return PassResult(gm, modified=False, stats=stats, diagnostics=diags)
+
+
+#: ``gm.meta`` key: (graph fingerprint, masks key, stats) of the masks FoldMasks left, so that
+#: Materialize does not fold the same masks of the same graph again
+FOLDED_KEY = "graphsel_folded_masks"
+
+
+def fold_once(gm: fx.GraphModule, analysis) -> tuple[ChannelMasks, dict]:
+    """:func:`fold`, or the result FoldMasks recorded when the graph and its masks are unchanged
+    since (folding canonical masks again gives them back)."""
+    masks = graphsel_meta(gm).masks
+    done = gm.meta.get(FOLDED_KEY)
+    if done is not None and masks is not None and done[0] == graph_fingerprint(gm) and done[1] == masks.key():
+        return masks, dict(done[2])
+    return fold(gm, analysis)

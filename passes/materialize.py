@@ -4,7 +4,8 @@ Contract: exact with respect to the masked model (the pipeline verifies the resu
 mask oracle of the input graph).
 
 Steps:
-1. liveness (:func:`graphsel.passes.fold_masks.fold`): the classes to remove, and the consumer
+1. liveness (:func:`graphsel.passes.fold_masks.fold`, reused when FoldMasks just ran on the same
+   graph and masks): the classes to remove, and the consumer
    masks of channels other readers still need;
 2. every consumer that stops reading whole channels gets a gather (``index_select``) on the path
    exclusive to it — walking up through single-user per-channel ops (BatchNorm, activations,
@@ -44,7 +45,7 @@ from graphsel.shapes import propagate_shapes, resized_meta
 from graphsel.tracing import example_inputs_of
 from graphsel.slicing import slice_conv, slice_linear, slice_per_channel, slice_tensor
 
-from .fold_masks import fold
+from .fold_masks import FOLDED_KEY, fold_once
 
 _PER_CHANNEL_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -446,7 +447,7 @@ class Materialize(Pass):
         if not meta.masks:
             return PassResult(gm, False, {}, [Diagnostic("no channel masks: nothing to materialize", level="info")])
         a = ctx.analysis("channels", gm)
-        masks, fold_stats = fold(gm, a)
+        masks, fold_stats = fold_once(gm, a)
         mat = _Materializer(gm, diags)
         if masks.consumer:
             mat.discharge_consumer_masks(a, masks)
@@ -464,6 +465,7 @@ class Materialize(Pass):
         mat.rewrite_shape_args(a2, removed_ids)
         mat.slice_slots(a2, removed_ids)
         clear_masks(gm)
+        gm.meta.pop(FOLDED_KEY, None)
         delete_unused_modules(gm)
         recompile(gm)
         shapes_current = mat.update_shapes(a2, removed_ids)

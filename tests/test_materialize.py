@@ -283,3 +283,32 @@ def test_prune_never_empties_one_piece_of_a_split(scope):
                             torch.randn(2, 1, 6, 6))
     assert graphsel.graphsel_meta(gm).history[2].max_abs <= graphsel.graphsel_meta(gm).history[2].tolerance
     assert gm.get_submodule("stem").out_channels == 2     # each piece keeps its one channel
+
+
+def test_materialize_reuses_the_fold_of_fold_masks_only_while_graph_and_masks_are_unchanged(monkeypatch):
+    import graphsel.passes.fold_masks as fm
+    from graphsel import Contract, Pass, PassResult
+
+    calls = []
+    real = fm.fold
+    monkeypatch.setattr(fm, "fold", lambda gm, a: calls.append(1) or real(gm, a))
+
+    class MasksOneMore(Pass):
+        name = "masks_one_more"
+        contract = Contract.STRUCTURAL
+
+        def run(self, gm, ctx):
+            src = next(iter(get_masks(gm).removed))
+            kept = set(range(gm.get_submodule(src).out_channels)) - get_masks(gm).removed[src]
+            add_group_mask(gm, src, [min(kept)])
+            return PassResult(gm, False)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = (torch.randn(1, 3, 9, 9),)
+    graphsel.transform(model, [("prune", {"ratio": 0.25}), "fold_masks", "materialize"], x, verify=False)
+    assert len(calls) == 1
+    calls.clear()
+    slim = graphsel.transform(model, [("prune", {"ratio": 0.25}), "fold_masks", MasksOneMore(), "materialize"], x)
+    assert len(calls) == 2                                 # the masks changed after fold_masks
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
