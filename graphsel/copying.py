@@ -26,7 +26,8 @@ import torch.nn as nn
 _ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.layout,
           torch.memory_format, type, range)
 _DICTS = (dict, OrderedDict)
-_PROTOCOL = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getnewargs__", "__getnewargs_ex__", "__getstate__")
+_PROTOCOL = ("__deepcopy__", "__copy__", "__reduce_ex__", "__reduce__", "__getnewargs__", "__getnewargs_ex__",
+             "__getstate__")
 _plain_cache: dict[type, bool] = {}
 
 
@@ -42,6 +43,21 @@ def _default_protocol(cls: type) -> bool:
 def deepcopy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
     """A deep copy of ``module`` equal to ``copy.deepcopy(module, memo)`` (see the module docstring)."""
     return _copy(module, {} if memo is None else memo)
+
+
+def shallow_copy_module(module: nn.Module) -> nn.Module:
+    """``copy.copy(module)`` with its own ``_parameters``, ``_buffers`` and ``_modules`` dicts
+    (entries shared), so that assigning a tensor or submodule on the copy leaves ``module`` alone."""
+    cls = type(module)
+    if _default_protocol(cls):
+        new = cls.__new__(cls)
+        new.__setstate__(module.__getstate__())
+    else:
+        new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    return new
 
 
 def _copy(obj: Any, memo: dict[int, Any]) -> Any:

@@ -7,11 +7,12 @@ and returns a NEW module; the input module is never modified. Sliced tensors are
 """
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 import torch
 import torch.nn as nn
+
+from .copying import shallow_copy_module
 
 
 def as_index(keep: Sequence[int] | torch.Tensor, device=None) -> torch.Tensor:
@@ -40,11 +41,7 @@ def _replace_param(m: nn.Module, name: str, dim: int, keep) -> None:
 
 
 def _clone(m: nn.Module) -> nn.Module:
-    new = copy.copy(m)
-    new._parameters = dict(m._parameters)
-    new._buffers = dict(m._buffers)
-    new._modules = dict(m._modules)
-    return new
+    return shallow_copy_module(m)
 
 
 def slice_conv(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, keep_out=None, keep_in=None) -> nn.Module:

@@ -83,3 +83,15 @@ def test_deepcopy_module_shares_what_the_memo_names():
     new = deepcopy_module(m, memo)
     assert new.a.weight is m.a.weight and new.c.weight is m.a.weight
     assert new.steps is not m.steps                    # buffers not in the memo are copied
+
+
+def test_shallow_copy_module_shares_entries_but_not_the_registries():
+    from graphsel.copying import shallow_copy_module
+    for m in (nn.Conv2d(3, 4, 3, stride=2), nn.BatchNorm2d(4), _Custom()):
+        new = shallow_copy_module(m)
+        assert type(new) is type(m) and vars(new).keys() == vars(m).keys()
+        assert all(new._parameters[k] is v for k, v in m._parameters.items())
+        assert new._parameters is not m._parameters and new._modules is not m._modules
+        if isinstance(m, nn.Conv2d):
+            new.weight = nn.Parameter(torch.zeros(1))
+            assert m.weight.shape == (4, 3, 3, 3) and new.stride == (2, 2)
