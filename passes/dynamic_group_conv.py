@@ -23,20 +23,30 @@ Public API (``graphsel.passes.dynamic_group_conv``):
   :func:`dgc_layer_cost`, :func:`dgc_cost_rows`, :func:`dgc_cost_table`.
 
 Inference. In eval mode the module runs a *fast path*: it gathers the kept input channels of
-each head (one ``index_select``) and the matching rows of a cached, C_in-major copy of the weight
-(a contiguous row copy), and runs one convolution with groups = H and C_in − k inputs per group,
-whose MACs are the kept fraction of the dense conv's. Plans by geometry: stride-1 convolutions
-run as the equivalent transposed convolution (its weight layout is the gathered rows, flipped);
-1×1 convolutions as a batched matmul (strided ones subsample first); other strided convolutions
-as a grouped conv over a strided view of the gathered rows. A batch runs either as one conv
-over the union of its samples' kept channels, weights shared and each sample's pruned channels
-gated to 0 (``batch_dispatch="shared"``), or one narrower conv per sample (``"per_sample"``);
-``"auto"`` picks the cheaper by a cost estimate. Without autograd the gathered operands live in
-reused per-thread buffers (fresh allocations of that size cost CPU time comparable to what the
-narrower conv saves). Training mode runs the masked formulation (x̂ gated per head; the H gated
+each head (one ``index_select``) and the matching weight, and runs one convolution with
+groups = H and C_in − k inputs per group, whose MACs are the kept fraction of the dense conv's.
+Plans by geometry (:meth:`DynamicGroupConv2d._fast_plan`): stride-1 convolutions run as the
+equivalent transposed convolution, whose weight is a contiguous row gather from a cached,
+C_in-major, flipped copy of the weight; 1×1 convolutions as a batched matmul over rows of a
+cached C_in-major copy (strided ones subsample first); other strided convolutions as a grouped
+conv whose weight is gathered per head from the head-major weight, in increasing channel order,
+straight into the conv's layout. Each gate multiplies whichever operand is smaller (the weight
+rows of one sample on large maps, else the gathered inputs). On CPU a head's channel count is
+rounded up to a multiple of 16 (extra channels repeated and gated to 0): oneDNN's blocked
+kernels are 2–3× slower otherwise. A batch runs either as one conv over the union of its
+samples' kept channels, weights shared and each sample's pruned channels gated to 0
+(``batch_dispatch="shared"``), or one narrower conv per sample written into its slice of the
+result (``"per_sample"``); ``"auto"`` picks the cheaper by a cost model (MACs, weight and input
+gathers, calls; 1×1 layers always per sample). Without autograd the gathered operands live in
+per-thread buffers shared by all DGC layers (fresh allocations of that size cost CPU time
+comparable to what the narrower conv saves; one shared buffer stays in cache from layer to
+layer), the pre-activation ReLU runs in place, the head interleave and the bias take one pass,
+and the per-call state (``last_saliency``, ``last_kept``) is plain attributes (``last_kept`` made
+on demand). Training mode runs the masked formulation (x̂ gated per head; the H gated
 copies through one grouped conv as the authors do, or one conv per head on large maps where CPU
 grouped convs are slow), which carries gradients to the saliency generators. Fast and masked
-paths equal a naive per-sample, per-head loop (tested).
+paths equal a naive per-sample, per-head loop (tested). Batch-1 CPU latency against the dense
+layers: ``benchmarks/dgc_latency.py``.
 
 Tie-breaking. Channels are ranked by |g| with ties broken towards the lower channel index
 (stable sort), so exactly C_in − k channels are kept per head and sample (the authors' code
@@ -470,8 +480,9 @@ class DynamicGroupConv2d(nn.Module):
         return self.padding  # type: ignore[return-value]
 
     def _fast_plan(self) -> str:
-        """'pointwise': 1×1 without padding (strided ones subsample first), a batched matmul;
-        'transpose': stride 1, the equivalent transposed conv; 'strided': the rest."""
+        """'pointwise': 1×1 without padding (strided ones subsample first), a batched matmul over
+        gathered weight rows; 'transpose': stride 1, the equivalent transposed conv over gathered,
+        flipped weight rows; 'strided': the rest, a grouped conv over weights gathered per head."""
         pad = self._numeric_padding()
         if self.kernel_size == (1, 1) and pad == (0, 0):
             return "pointwise"
@@ -498,7 +509,8 @@ class DynamicGroupConv2d(nn.Module):
 
     def _weight_rows(self, flip: bool) -> torch.Tensor:
         """The weight re-laid out C_in-major per head: (H·C_in) × (C_out/H) × kh × kw, spatially
-        flipped for the transposed-conv plan. Cached while the weight is unchanged (eval, no grad)."""
+        flipped for the transposed-conv plan (unflipped for the 1×1 plan; the strided plan reads
+        the weight itself). Cached while the weight is unchanged (eval, no grad)."""
         w = self.weight
         differentiable = w.requires_grad and torch.is_grad_enabled()
         if _exporting() or differentiable:
