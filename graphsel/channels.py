@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from .graph_utils import module_index
 from .shapes import tensor_shape
 
 # ------------------------------------------------------------------------------------------
@@ -612,7 +613,7 @@ class _Analyzer:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.a = ChannelAnalysis(gm)
-        self.modules = dict(gm.named_modules())
+        self.modules = module_index(gm)
         self.call_sites: dict[str, int] = defaultdict(int)
         for n in gm.graph.nodes:
             if n.op == "call_module":

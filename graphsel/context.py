@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from .graph_utils import module_index
 from .meta import InputSpec
 
 _ANALYSES: dict[str, Callable[[fx.GraphModule, "PassContext"], Any]] = {}
@@ -27,7 +28,7 @@ def register_analysis(name: str):
 
 def graph_fingerprint(gm: fx.GraphModule) -> int:
     """A hash that changes whenever the graph or the shape of a called module changes."""
-    modules = dict(gm.named_modules())
+    modules = module_index(gm)
     items = []
     for n in gm.graph.nodes:
         extra: tuple = ()

@@ -65,6 +65,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .graph_utils import module_index
 from .errors import GraphselError
 
 __all__ = [
@@ -975,7 +976,7 @@ def graph_cost(gm: fx.GraphModule) -> CostReport:
     category_of: dict[fx.Node, str] = {}
     row_of: dict[fx.Node, NodeCost] = {}
     params_by_attr: dict[str, nn.Parameter] = {}
-    modules = dict(gm.named_modules())
+    modules = module_index(gm)
     outs_of = {n: _outputs(n) for n in nodes}
 
     def attr_param(node: fx.Node):

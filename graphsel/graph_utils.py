@@ -17,6 +17,23 @@ def recompile(gm: fx.GraphModule) -> None:
     gm.meta[COMPILED_KEY] = graph_fingerprint(gm)
 
 
+def module_index(root: nn.Module) -> dict[str, nn.Module]:
+    """``dict(root.named_modules())`` (same order, duplicates removed) without the recursive
+    generators: the pipeline and the analyses index modules many times per run."""
+    out: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", root)]
+    while stack:
+        prefix, m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out[prefix] = m
+        children = [(f"{prefix}.{name}" if prefix else name, c) for name, c in m._modules.items() if c is not None]
+        stack.extend(reversed(children))
+    return out
+
+
 def split_path(path: str) -> tuple[str, str]:
     parent, _, name = path.rpartition(".")
     return parent, name
@@ -40,7 +57,7 @@ def delete_unused_modules(gm: fx.GraphModule) -> None:
 
 def unique_module_path(gm: fx.GraphModule, base: str) -> str:
     """A dotted path under ``base`` not used by any submodule yet (``base``, ``base_1``, ...)."""
-    existing = dict(gm.named_modules())
+    existing = module_index(gm)
     path, i = base, 1
     while path in existing or _attr_exists(gm, path):
         path, i = f"{base}_{i}", i + 1

@@ -37,7 +37,7 @@ from .meta import PassRecord, graphsel_meta
 from .passbase import Contract, Pass, PassResult
 from .registry import resolve_passes
 from .shapes import propagate_shapes
-from .graph_utils import COMPILED_KEY
+from .graph_utils import COMPILED_KEY, module_index
 from .tracing import example_inputs_of, trace
 from .verify import Deviation, compare_outputs, first_divergence, reference_forward
 
@@ -66,7 +66,7 @@ def _check_invariants(gm: fx.GraphModule, pass_name: str) -> None:
 
 def _mode_of(model: nn.Module) -> bool | None:
     """True (all train), False (all eval) or None (mixed)."""
-    flags = {m.training for m in model.modules()}
+    flags = {m.training for m in module_index(model).values()}
     return flags.pop() if len(flags) == 1 else None
 
 
@@ -91,8 +91,12 @@ def copy_for_pass(gm: fx.GraphModule, p: Pass) -> fx.GraphModule:
 
 
 def _tensor_versions(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, int]]:
-    out = {name: (t, t._version) for name, t in gm.named_parameters()}
-    out.update({name: (t, t._version) for name, t in gm.named_buffers()})
+    out = {}
+    for prefix, m in module_index(gm).items():
+        for registry in (m._parameters, m._buffers):
+            for key, t in registry.items():
+                if t is not None:
+                    out[f"{prefix}.{key}" if prefix else key] = (t, t._version)
     return out
 
 
@@ -101,7 +105,7 @@ def _shape_signature(gm: fx.GraphModule) -> tuple:
     and the shape, dtype and device of every parameter and buffer, the settings of every leaf
     module (its ``repr``: stride, padding, ...) and which nodes carry shapes."""
     tensors, modules = [], []
-    for name, m in gm.named_modules():
+    for name, m in module_index(gm).items():
         for key, t in m._parameters.items():
             if t is not None:
                 tensors.append((name, key, t.shape, t.dtype, t.device))
@@ -291,7 +295,7 @@ def unshare_parameters(gm: nn.Module, shared: dict[int, torch.Tensor]) -> int:
     """Replace every parameter of ``gm`` that is one of ``shared`` (by identity) with a clone (tied
     parameters stay tied); returns how many were cloned."""
     clones: dict[int, nn.Parameter] = {}
-    for m in gm.modules():
+    for m in module_index(gm).values():
         for name, t in m._parameters.items():
             if t is not None and id(t) in shared and shared[id(t)] is t:
                 if id(t) not in clones:

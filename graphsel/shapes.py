@@ -10,6 +10,7 @@ from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .errors import ExampleInputError
+from .graph_utils import module_index
 from .meta import InputSpec, graphsel_meta
 
 
@@ -53,7 +54,7 @@ class _Propagation:
 
     def run(self, *inputs: Any) -> Any:
         gm = self.gm
-        modules = dict(gm.named_modules())
+        modules = module_index(gm)
         nodes = list(gm.graph.nodes)
         last_use: dict[fx.Node, int] = {}
         for i, n in enumerate(nodes):
@@ -108,7 +109,8 @@ _MISSING = object()
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Fill ``node.meta["tensor_meta"]`` (eval mode, no grad; the module's mode is restored)."""
     _check_input_count(gm, example_inputs)
-    was_training = [m.training for m in gm.modules()]
+    all_modules = list(module_index(gm).values())
+    was_training = [m.training for m in all_modules]
     gm.eval()
     prop = _Propagation(gm)
     try:
@@ -125,7 +127,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
             f"{type(cause).__name__}: {_first_line(cause)}. Pass example_inputs with the shape, dtype and "
             f"device the model expects (one tensor per forward argument).") from e
     finally:
-        for m, t in zip(gm.modules(), was_training):
+        for m, t in zip(all_modules, was_training):
             m.training = t
     meta = graphsel_meta(gm)
     meta.inputs = [InputSpec.of(t) for t in example_inputs if isinstance(t, torch.Tensor)]

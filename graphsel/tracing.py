@@ -33,6 +33,7 @@ from torch.fx.proxy import ParameterProxy
 
 from .copying import deepcopy_module
 from .errors import ExampleInputError, TraceError
+from .graph_utils import module_index
 from .meta import GraphselMeta, LeafRecord, META_KEY, graphsel_meta
 from .shapes import propagate_shapes
 
@@ -345,8 +346,8 @@ def _trace_with_auto_leafing(model: nn.Module, leaf_types: list, leaf_paths: lis
 def _copy_training_flags(src: nn.Module, dst: nn.Module) -> None:
     """Give every module of ``dst`` the training flag of the module at the same path in ``src``
     (modules without a counterpart, e.g. GraphModule containers, take the nearest ancestor's)."""
-    flags = {name: m.training for name, m in src.named_modules()}
-    for name, m in dst.named_modules():
+    flags = {name: m.training for name, m in module_index(src).items()}
+    for name, m in module_index(dst).items():
         path = name
         while path not in flags:
             path = path.rpartition(".")[0]

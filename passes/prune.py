@@ -41,6 +41,7 @@ import torch.nn as nn
 
 from graphsel import Contract, Diagnostic, Pass, PassResult, register_pass
 from graphsel.channels import ChannelAnalysis, ChannelGroup, TensorVal
+from graphsel.graph_utils import module_index
 from graphsel.masks import add_group_mask, removal_positions, vanishing_tensors
 from graphsel.meta import graphsel_meta
 from graphsel.verify import eval_mode
@@ -71,7 +72,7 @@ def _spare_vanishing_tensors(a: ChannelAnalysis, groups: list[ChannelGroup], sco
 class _Scorer:
     def __init__(self, gm: fx.GraphModule, a: ChannelAnalysis, ctx, criterion: str | Callable):
         self.gm, self.a, self.ctx, self.criterion = gm, a, ctx, criterion
-        self.modules = dict(gm.named_modules())
+        self.modules = module_index(gm)
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self._activation_means: dict[str, torch.Tensor] | None = None
         self.fallbacks = 0
@@ -324,7 +325,8 @@ class Prune(Pass):
         a: ChannelAnalysis = ctx.analysis("channels", gm)
         diags: list[Diagnostic] = []
         ignored = set(self.ignore)
-        unknown = [p for p in ignored | set(self.ratios) if p not in dict(gm.named_modules())]
+        index = module_index(gm)
+        unknown = [p for p in ignored | set(self.ratios) if p not in index]
         if unknown:
             raise ValueError(f"prune: {', '.join(map(repr, unknown))} name no module of this model")
         groups = []

@@ -95,3 +95,14 @@ def test_shallow_copy_module_shares_entries_but_not_the_registries():
         if isinstance(m, nn.Conv2d):
             new.weight = nn.Parameter(torch.zeros(1))
             assert m.weight.shape == (4, 3, 3, 3) and new.stride == (2, 2)
+
+
+@settings(max_examples=15, deadline=None)
+@given(arch=architectures())
+def test_module_index_is_named_modules(arch):
+    from graphsel.graph_utils import module_index
+    model = arch.build()
+    model.alias = model[0] if isinstance(model, nn.Sequential) else nn.Identity()    # a duplicate entry
+    assert list(module_index(model).items()) == list(model.named_modules())
+    m = _Aliased()
+    assert list(module_index(m).items()) == list(m.named_modules())
