@@ -25,7 +25,7 @@ Timing: each measurement alternates the candidates and keeps the minimum and the
 calling thread's CPU time instead of wall time (single-threaded runs only): on a machine shared
 with other jobs it leaves out the time the process waits for a core.
 
-Run: ``python -m benchmarks.dgc_latency`` (full: ~5–10 min on a quiet core) or ``--quick``
+Run: ``python -m benchmarks.dgc_latency`` (full: ~2 min on a quiet core) or ``--quick``
 (small input, a smoke test). Writes ``benchmarks/results/dgc_latency{,_quick}.{json,md}``.
 """
 from __future__ import annotations
