@@ -25,6 +25,25 @@ def node_source(node: fx.Node) -> str:
     return f"{node.op} {node.target}"
 
 
+_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
+    """torch.fx's ``_extract_tensor_metadata`` for the common case (a dense, unquantized tensor,
+    whose memory format is found by ``is_contiguous`` checks), that function otherwise."""
+    if t.is_quantized or t.layout is not torch.strided:
+        return _extract_tensor_metadata(t)
+    fmt = None
+    for f in _FORMATS:
+        try:
+            if t.is_contiguous(memory_format=f):
+                fmt = f
+                break
+        except RuntimeError:                 # a format that does not apply to this rank
+            continue
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), fmt, False, {})
+
+
 def _record(node: fx.Node, result: Any) -> None:
     """What torch's ShapeProp records: ``tensor_meta`` (mirroring the result's structure) when the
     result holds a tensor, and ``type``."""
@@ -34,7 +53,7 @@ def _record(node: fx.Node, result: Any) -> None:
         nonlocal found
         if isinstance(obj, torch.Tensor):
             found = True
-            return _extract_tensor_metadata(obj)
+            return tensor_metadata(obj)
         return obj
 
     meta = map_aggregate(result, meta_of)
@@ -192,4 +211,24 @@ def resized_meta(tm: TensorMetadata, shape: tuple[int, ...]) -> TensorMetadata |
     for d in reversed(order):
         stride[d] = step
         step *= shape[d]
-    return tm._replace(shape=torch.Size(shape), stride=tuple(stride))
+    fmt = next((f for f, inner in _FORMAT_ORDERS if len(inner) in (0, len(shape))
+                and _dense_along(shape, stride, inner or tuple(reversed(range(len(shape)))))), None)
+    return tm._replace(shape=torch.Size(shape), stride=tuple(stride), memory_format=fmt)
+
+
+# innermost-first dimension orders of the memory formats (empty: every rank, last dim innermost)
+_FORMAT_ORDERS = ((torch.contiguous_format, ()), (torch.channels_last, (1, 3, 2, 0)),
+                  (torch.channels_last_3d, (1, 4, 3, 2, 0)))
+
+
+def _dense_along(shape: tuple[int, ...], stride: tuple[int, ...], inner_first: tuple[int, ...]) -> bool:
+    """PyTorch's contiguity test for a memory format (size-1 dimensions are ignored)."""
+    if 0 in shape:
+        return True
+    expect = 1
+    for d in inner_first:
+        if shape[d] != 1:
+            if stride[d] != expect:
+                return False
+            expect *= shape[d]
+    return True
