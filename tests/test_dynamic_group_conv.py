@@ -240,6 +240,18 @@ def test_narrow_conv_runs_aligned_widths_exactly(kernel, stride, padding, k, exp
         assert not widths and (kernel == 1 or u <= 4 or u == 8 or u % 16 == 0), seen
 
 
+def test_auto_batch_dispatch_follows_the_cost_model():
+    """1×1 layers run per sample; a 3×3 layer on a small map whose samples keep nearly the same
+    channels shares one conv (weights gathered once); on a large map with scattered choices,
+    per sample (fewer MACs)."""
+    pointwise = _layer(c=64, co=32, kernel=1, stride=2, padding=0)
+    assert pointwise._cheaper(8, 32, 33, 56 * 56) == "per_sample"
+    small_map = DynamicGroupConv2d(512, 512, 3, padding=1)
+    assert small_map._cheaper(8, 256, 272, 7 * 7) == "shared"
+    large_map = DynamicGroupConv2d(64, 64, 3, padding=1)
+    assert large_map._cheaper(8, 32, 48, 56 * 56) == "per_sample"
+
+
 def test_buffers_changed_in_place_take_effect_and_modules_pickle():
     m = _layer()
     x = torch.randn(2, 8, 7, 7)
