@@ -1006,14 +1006,16 @@ def graph_cost(gm: fx.GraphModule) -> CostReport:
             unknown.append(problem)
         new_params = [p for a in node.all_input_nodes if (p := attr_param(a)) is not None]
         if node.op == "call_module":
-            new_params = list(modules[node.target].parameters()) + new_params
+            mod = modules[node.target]
+            own = mod.parameters() if mod._modules else (t for t in mod._parameters.values() if t is not None)
+            new_params = list(own) + new_params
         row.params = count_new(new_params)
         category_of[node] = row.category
         row_of[node] = row
         rows.append(row)
 
     # parameters: everything the module holds, counted once
-    all_params = {id(p): p.numel() for p in gm.parameters()}
+    all_params = {id(t): t.numel() for m in modules.values() for t in m._parameters.values() if t is not None}
     total_params = sum(all_params.values())
     used = sum(n for i, n in all_params.items() if i in seen_params)
 
