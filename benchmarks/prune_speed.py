@@ -6,14 +6,16 @@ convnext_base, efficientnet_b4, regnet_y_16gf, mobilenet_v3_large, vit_b_16. Bot
 of the channels of every prunable layer by L1 norm (graphsel: ``prune(ratio=0.5, criterion="l1",
 scope="uniform")``; Torch-Pruning: its standard recipe, see :mod:`benchmarks.common`), in the same
 process, alternating run by run. Each figure is the median of ``--repeats`` runs; the model's
-construction is not timed (each Torch-Pruning run gets a fresh deep copy, graphsel copies inside
-``transform``, which is timed).
+construction is not timed (each Torch-Pruning run gets a fresh deep copy, untimed; graphsel copies
+the model's modules inside ``transform``, timed — with ``verify=False`` the copy shares the
+parameters until the end, when those still shared are cloned).
 
 graphsel is timed twice: ``verify=False`` (the compiler alone — the figure compared with
 Torch-Pruning) and ``verify=True`` (plus checking every pass against its reference: the mask
 oracle for ``materialize``). Stage times come from the pipeline's records (``trace``; ``prune``
-includes the channel analysis, also timed on its own; ``pipeline_overhead`` = deep copies, cost
-and shape re-propagation, lint). The goal (issue 3): ≥ 10× faster than Torch-Pruning on
+includes the channel analysis, also timed on its own; ``pipeline_overhead`` = shape signatures,
+cost reports, invariant checks, recompiling, un-sharing parameters; with ``verify=True`` also a
+copy of the graph per pass and a shape propagation after materialize). The goal (issue 3): ≥ 10× faster than Torch-Pruning on
 densenet201 and never slower. Where graphsel misses it, one more graphsel run is profiled with
 cProfile and the top functions (file:line:function, seconds) are written out (``--profile all``
 profiles every model).
@@ -179,7 +181,7 @@ def markdown(results: dict) -> str:
              f"Wall seconds, median of {cfg['repeats']} run(s) (verify=True: {cfg['verify_repeats']}); "
              f"{cfg['size']}² input, batch 1; L1 criterion, per-layer ratio, same process, runs alternating. "
              "graphsel = trace + channel analysis + prune + fold_masks + materialize (`transform(..., verify=False)`, "
-             "including its deep copies); Torch-Pruning = `DependencyGraph` build (pruner construction) + "
+             "including its copy of the model); Torch-Pruning = `DependencyGraph` build (pruner construction) + "
              "`pruner.step()`. *speed-up* = TP / graphsel (goal: ≥ 10× on densenet201, ≥ 1× everywhere).", "",
              common.environment_line(env), ""]
     rows = []

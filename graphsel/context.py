@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from .graph_utils import module_index
 from .meta import InputSpec
@@ -26,9 +27,10 @@ def register_analysis(name: str):
     return deco
 
 
-def graph_fingerprint(gm: fx.GraphModule) -> int:
-    """A hash that changes whenever the graph or the shape of a called module changes."""
-    modules = module_index(gm)
+def graph_fingerprint(gm: fx.GraphModule, modules: dict[str, nn.Module] | None = None) -> int:
+    """A hash that changes whenever the graph or the shape of a called module changes.
+    ``modules``: ``module_index(gm)``, when the caller has it."""
+    modules = module_index(gm) if modules is None else modules
     items = []
     for n in gm.graph.nodes:
         extra: tuple = ()

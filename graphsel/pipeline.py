@@ -45,12 +45,14 @@ from .verify import Deviation, compare_outputs, first_divergence, reference_forw
 def _check_invariants(gm: fx.GraphModule, pass_name: str) -> None:
     """Every module and attribute target resolves (checked first: clearer than lint's message),
     then ``graph.lint()`` (topological order, ownership)."""
+    modules = module_index(gm)
     for n in gm.graph.nodes:
         if n.op == "call_module":
-            try:
-                gm.get_submodule(n.target)
-            except AttributeError:
-                raise PassError(pass_name, f"node '{n.name}' calls module '{n.target}', which does not exist") from None
+            if n.target not in modules:                # (an alias path is not in the index)
+                try:
+                    gm.get_submodule(n.target)
+                except AttributeError:
+                    raise PassError(pass_name, f"node '{n.name}' calls module '{n.target}', which does not exist") from None
         elif n.op == "get_attr":
             try:
                 obj = gm
@@ -105,7 +107,8 @@ def _shape_signature(gm: fx.GraphModule) -> tuple:
     and the shape, dtype and device of every parameter and buffer, the settings of every leaf
     module (its ``repr``: stride, padding, ...) and which nodes carry shapes."""
     tensors, modules = [], []
-    for name, m in module_index(gm).items():
+    index = module_index(gm)
+    for name, m in index.items():
         for key, t in m._parameters.items():
             if t is not None:
                 tensors.append((name, key, t.shape, t.dtype, t.device))
@@ -115,7 +118,7 @@ def _shape_signature(gm: fx.GraphModule) -> tuple:
         if name and not m._modules:
             modules.append(repr(m))
     shaped = frozenset(n.name for n in gm.graph.nodes if "tensor_meta" in n.meta)
-    return graph_fingerprint(gm), tuple(tensors), shaped, tuple(modules)
+    return graph_fingerprint(gm, index), tuple(tensors), shaped, tuple(modules)
 
 
 def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = True,
