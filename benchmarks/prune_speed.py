@@ -20,7 +20,7 @@ densenet201 and never slower. Where graphsel misses it, one more graphsel run is
 cProfile and the top functions (file:line:function, seconds) are written out (``--profile all``
 profiles every model).
 
-Run: ``python -m benchmarks.prune_speed`` (full: roughly 15–30 min on 2 quiet cores) or ``--quick``
+Run: ``python -m benchmarks.prune_speed`` (full: about 5 min on 2 quiet cores, most of it Torch-Pruning on densenet201) or ``--quick``
 (resnet18 + mobilenet_v3_small, 1 run). Writes ``benchmarks/results/prune_speed{,_quick}.{json,md}``.
 """
 from __future__ import annotations

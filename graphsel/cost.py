@@ -904,7 +904,7 @@ def _normalise(result: Any) -> tuple[int, int, dict[str, Any]]:
 
 def _check_shapes(gm: fx.GraphModule) -> None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    # ShapeProp records meta["type"] on every node it ran and meta["tensor_meta"] on tensor results
+    # shape propagation (ShapeProp semantics) records meta["type"] on every node it ran and meta["tensor_meta"] on tensor results
     missing = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")
                and "tensor_meta" not in n.meta and "type" not in n.meta]
     has_any = any("tensor_meta" in n.meta for n in gm.graph.nodes if n.op != "output")

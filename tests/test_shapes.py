@@ -25,6 +25,7 @@ TENSORS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")   # deprecated, still supported
 @pytest.mark.parametrize("name", TENSORS)
 def test_tensor_metadata_equals_torch_fx(name):
     t = TENSORS[name]()
