@@ -29,6 +29,10 @@ _DICTS = (dict, OrderedDict)
 _PROTOCOL = ("__deepcopy__", "__copy__", "__reduce_ex__", "__reduce__", "__getnewargs__", "__getnewargs_ex__",
              "__getstate__")
 _plain_cache: dict[type, bool] = {}
+# nn.Module's own per-instance registries (hooks, ...): never shared between modules, so an empty
+# one is recreated without a memo entry
+_OWN_REGISTRIES = frozenset(k for k, v in vars(nn.Module()).items() if isinstance(v, (dict, set)))
+_EMPTY_OK = (dict, OrderedDict, set)
 
 
 def _default_protocol(cls: type) -> bool:
@@ -71,7 +75,8 @@ def _copy(obj: Any, memo: dict[int, Any]) -> Any:
         new = cls.__new__(cls)
         memo[id(obj)] = new
         state = obj.__getstate__()
-        new.__setstate__({k: _copy(v, memo) for k, v in state.items()})
+        new.__setstate__({k: (type(v)() if k in _OWN_REGISTRIES and not v and type(v) in _EMPTY_OK else _copy(v, memo))
+                          for k, v in state.items()})
         return new
     if type(obj) in _DICTS:
         new = type(obj)()

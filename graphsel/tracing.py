@@ -315,8 +315,8 @@ def _trace_with_auto_leafing(model: nn.Module, leaf_types: list, leaf_paths: lis
                              concrete_args, max_auto_leaves: int, training: bool,
                              share_parameters: bool = False) -> tuple[nn.Module, fx.Graph]:
     """Trace a deep copy of ``model`` (every module's flag set to ``training``), making the innermost
-    failing submodule a leaf and retrying; appends to ``leafed``. Returns (copy, graph); the copy's
-    modules get the flags of ``model`` back."""
+    failing submodule a leaf and retrying; appends to ``leafed``. Returns (copy, graph); the
+    caller gives the modules it keeps the flags of ``model`` back."""
     shared = {id(p): p for p in model.parameters()} if share_parameters else {}
     while True:
         work = deepcopy_module(model, dict(shared))
@@ -339,7 +339,6 @@ def _trace_with_auto_leafing(model: nn.Module, leaf_types: list, leaf_paths: lis
                                  remedy=_remedy(e, path, _get_submodule(model, path))) from e
             sub = work.get_submodule(path)
             leafed.append(LeafRecord(path, type(sub).__qualname__, _short(e)))
-    _copy_training_flags(model, work)
     return work, graph
 
 
