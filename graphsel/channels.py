@@ -92,9 +92,12 @@ class SizeInt(int):
     anywhere graphsel cannot follow, freezes them (the size would change under pruning)."""
     ids: np.ndarray
 
+    created = 0     # instances made so far (process-wide): no new ones, no channel counts to follow
+
     def __new__(cls, value: int, ids: np.ndarray):
         obj = super().__new__(cls, value)
         obj.ids = ids
+        SizeInt.created += 1
         return obj
 
 
@@ -355,12 +358,15 @@ class ChannelAnalysis:
         frozen[list(self.class_frozen)] = True
         # readers per group
         consumers: list[set[str]] = [set() for _ in range(n_groups)]
-        for r in self.readers:
-            ids = np.asarray(r.ids, dtype=np.int64).ravel()
-            ids = ids[ids >= 0]
-            if len(ids):
-                for gi in np.unique(cls_group[labels[ids]]).tolist():
-                    consumers[gi].add(r.module or r.node)
+        n_readers = len(self.readers)
+        if n_readers:
+            ids_of = [np.asarray(r.ids, dtype=np.int64).ravel() for r in self.readers]
+            ids = np.concatenate(ids_of)
+            reader = np.repeat(np.arange(n_readers, dtype=np.int64), [len(x) for x in ids_of])
+            ok = ids >= 0
+            names = [r.module or r.node for r in self.readers]
+            for pair in np.unique(cls_group[labels[ids[ok]]] * n_readers + reader[ok]).tolist():
+                consumers[pair // n_readers].add(names[pair % n_readers])
         reasons: list[list[str]] = [[] for _ in range(n_groups)]
         for c in sorted(self.class_frozen, key=lambda c: (cls_group[c], local[c])):
             lst = reasons[cls_group[c]]
@@ -614,6 +620,7 @@ class _Analyzer:
         self.gm = gm
         self.a = ChannelAnalysis(gm)
         self.modules = module_index(gm)
+        self._sizes_before = SizeInt.created
         self.call_sites: dict[str, int] = defaultdict(int)
         for n in gm.graph.nodes:
             if n.op == "call_module":
@@ -652,6 +659,8 @@ class _Analyzer:
 
     def track_sizes(self, node: fx.Node, v: Any) -> Any:
         """Follow channel counts (:class:`SizeInt`) through arithmetic and into shape ops."""
+        if SizeInt.created == self._sizes_before:          # no channel count read so far
+            return v
         size_ids = _size_ids([self.val(node.args), self.val(node.kwargs)])
         if not size_ids:
             return v

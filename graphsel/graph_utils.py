@@ -51,8 +51,23 @@ def call_count(gm: fx.GraphModule, path: str) -> int:
 
 
 def delete_unused_modules(gm: fx.GraphModule) -> None:
-    """Remove submodules no node uses (parameters read with get_attr keep their module)."""
-    gm.delete_all_unused_submodules()
+    """Remove submodules no node uses (parameters read with get_attr keep their module): torch.fx's
+    ``delete_all_unused_submodules`` rules — a called module keeps its whole subtree, every
+    ancestor of a used path stays — over one :func:`module_index`."""
+    index = module_index(gm)
+    used: set[str] = set()
+    called: list[str] = []
+    for n in gm.graph.nodes:
+        if n.op in ("call_module", "get_attr"):
+            parts = str(n.target).split(".")
+            used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            if n.op == "call_module":
+                called.append(str(n.target))
+    if called:
+        prefixes = tuple(f"{t}." for t in called)
+        used.update(path for path in index if path.startswith(prefixes))
+    for path in [p for p in index if p and p not in used]:
+        gm.delete_submodule(path)
 
 
 def unique_module_path(gm: fx.GraphModule, base: str) -> str:

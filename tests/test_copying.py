@@ -106,3 +106,19 @@ def test_module_index_is_named_modules(arch):
     assert list(module_index(model).items()) == list(model.named_modules())
     m = _Aliased()
     assert list(module_index(m).items()) == list(m.named_modules())
+
+
+@settings(max_examples=20, deadline=None)
+@given(arch=architectures())
+def test_delete_unused_modules_follows_torch_fx(arch):
+    """Same modules left as torch.fx's delete_all_unused_submodules, with spare and nested extras."""
+    import graphsel
+    from graphsel.graph_utils import delete_unused_modules, module_index
+    gm = graphsel.trace(arch.build(), (torch.randn(arch.input_shape),))
+    gm.add_submodule("spare.inner", nn.Linear(2, 2))                    # unused, nested
+    called = next(n.target for n in gm.graph.nodes if n.op == "call_module")
+    gm.get_submodule(called).add_module("extra_child", nn.ReLU())     # a called module's child stays
+    theirs = copy.deepcopy(gm)
+    theirs.delete_all_unused_submodules()
+    delete_unused_modules(gm)
+    assert list(module_index(gm)) == list(module_index(theirs))
