@@ -2,6 +2,7 @@
 
 * ``"modules"``: module-type index, ``{class: [(path, node_name), ...]}`` over call_module nodes;
 * ``"cost"``: :class:`graphsel.cost.CostReport` of the graph (needs shapes);
+* ``"cost_totals"``: the same without the memory and depth analyses (the pipeline's history rows);
 * ``"channels"``: :class:`graphsel.channels.ChannelAnalysis` (channel groups, needs shapes).
 """
 from __future__ import annotations
@@ -26,6 +27,12 @@ def module_index(gm: fx.GraphModule, ctx) -> dict[type, list[tuple[str, str]]]:
 def cost_analysis(gm: fx.GraphModule, ctx):
     from .cost import graph_cost
     return graph_cost(gm)
+
+
+@register_analysis("cost_totals")
+def cost_totals_analysis(gm: fx.GraphModule, ctx):
+    from .cost import graph_cost
+    return graph_cost(gm, totals_only=True)
 
 
 @register_analysis("channels")

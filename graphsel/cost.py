@@ -963,8 +963,9 @@ def _cost_node(node: fx.Node, modules: Mapping[str, nn.Module],
     return row, problem
 
 
-def graph_cost(gm: fx.GraphModule) -> CostReport:
-    """Cost of a shape-annotated GraphModule (see the module docstring)."""
+def graph_cost(gm: fx.GraphModule, *, totals_only: bool = False) -> CostReport:
+    """Cost of a shape-annotated GraphModule (see the module docstring). ``totals_only``: params,
+    MACs, other FLOPs and the rows, without the memory and depth analyses (their fields stay 0)."""
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"graph_cost expects a torch.fx.GraphModule with shapes, got {type(gm).__name__}; "
                         f"use graphsel.cost(model, example_inputs) for a plain module.")
@@ -1019,6 +1020,10 @@ def graph_cost(gm: fx.GraphModule) -> CostReport:
     total_params = sum(all_params.values())
     used = sum(n for i, n in all_params.items() if i in seen_params)
 
+    if totals_only:
+        return CostReport(params=total_params, macs=sum(r.macs for r in rows), rows=rows,
+                          other_flops=sum(r.other_flops for r in rows), unused_params=total_params - used,
+                          unknown=unknown)
     allocates = {n: _allocates(n, modules, category_of) for n in nodes}
     for node, row in row_of.items():
         if allocates[node]:

@@ -74,7 +74,7 @@ def _mode_of(model: nn.Module) -> bool | None:
 
 def _cost_pair(gm: fx.GraphModule, ctx: PassContext, fingerprint: int | None = None) -> tuple[int | None, int | None]:
     try:
-        c = ctx.analysis("cost", gm, fingerprint=fingerprint)
+        c = ctx.analysis("cost_totals", gm, fingerprint=fingerprint)
         return c.params, c.macs
     except Exception:  # noqa: BLE001 - cost is informative only
         return sum(p.numel() for p in gm.parameters()), None

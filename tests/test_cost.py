@@ -593,3 +593,13 @@ def test_torchvision_attention_leaves_cost_like_their_traced_bodies(name, leaf):
     leafed = graph_cost(graphsel.trace(model, (x,), leaf_modules=[getattr(module, leaf)]))
     assert any(r.kind == leaf for r in leafed.rows)
     assert leafed.macs == traced.macs and leafed.params == traced.params
+
+
+def test_totals_only_cost_has_the_same_totals():
+    import torchvision
+    gm = graphsel.trace(torchvision.models.resnet18().eval(), (torch.randn(1, 3, 64, 64),))
+    full, totals = graph_cost(gm), graph_cost(gm, totals_only=True)
+    assert (totals.params, totals.macs, totals.other_flops, totals.unused_params) == \
+        (full.params, full.macs, full.other_flops, full.unused_params)
+    assert [(r.node, r.macs) for r in totals.rows] == [(r.node, r.macs) for r in full.rows]
+    assert full.peak_activation_bytes > 0 and totals.peak_activation_bytes == 0
