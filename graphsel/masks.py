@@ -128,11 +128,12 @@ _CACHE: "weakref.WeakKeyDictionary[fx.GraphModule, tuple]" = weakref.WeakKeyDict
 
 
 def resolve_masks(gm: fx.GraphModule, masks: ChannelMasks | None = None,
-                  analysis: ChannelAnalysis | None = None) -> ResolvedMasks:
+                  analysis: ChannelAnalysis | None = None, *, fingerprint: int | None = None) -> ResolvedMasks:
     """Map masks onto channel classes, checking them (unknown modules, out-of-range positions,
-    frozen classes, sources left without channels all raise :class:`MaskError`)."""
+    frozen classes, sources left without channels all raise :class:`MaskError`). ``fingerprint``:
+    ``graph_fingerprint(gm)``, when the caller has it."""
     masks = masks if masks is not None else (graphsel_meta(gm).masks or ChannelMasks())
-    key = (graph_fingerprint(gm), *masks.key())
+    key = (graph_fingerprint(gm) if fingerprint is None else fingerprint, *masks.key())
     hit = _CACHE.get(gm)
     if hit is not None and hit[0] == key and (analysis is None or hit[1].analysis is analysis):
         return hit[1]

@@ -26,10 +26,10 @@ from graphsel.context import graph_fingerprint
 from graphsel.meta import graphsel_meta
 
 
-def fold(gm: fx.GraphModule, analysis) -> tuple[ChannelMasks, dict]:
-    """Canonical masks after liveness, and statistics."""
+def fold(gm: fx.GraphModule, analysis, *, fingerprint: int | None = None) -> tuple[ChannelMasks, dict]:
+    """Canonical masks after liveness, and statistics (``fingerprint``: ``gm``'s, when known)."""
     masks = graphsel_meta(gm).masks
-    res = resolve_masks(gm, masks, analysis)
+    res = resolve_masks(gm, masks, analysis, fingerprint=fingerprint)
     dead = dead_classes(res)
     # never let liveness remove the last channels of a source or of any tensor
     a = res.analysis
@@ -73,13 +73,14 @@ class FoldMasks(Pass):
         meta = graphsel_meta(gm)
         if not meta.masks:
             return PassResult(gm, False, {}, [Diagnostic("no channel masks to fold", level="info")])
-        canonical, stats = fold(gm, ctx.analysis("channels", gm))
+        fingerprint = graph_fingerprint(gm)          # the graph does not change in this pass
+        canonical, stats = fold(gm, ctx.analysis("channels", gm, fingerprint=fingerprint), fingerprint=fingerprint)
         diags = []
         if stats["last_channels_kept"]:
             diags.append(Diagnostic(f"{stats['last_channels_kept']} unread channel class(es) kept: removing them "
                                     f"would leave a layer without output channels", level="warning"))
         meta.masks = canonical
-        gm.meta[FOLDED_KEY] = (graph_fingerprint(gm), canonical.key(), stats)
+        gm.meta[FOLDED_KEY] = (fingerprint, canonical.key(), stats)
         return PassResult(gm, modified=False, stats=stats, diagnostics=diags)
 
 
@@ -88,11 +89,12 @@ class FoldMasks(Pass):
 FOLDED_KEY = "graphsel_folded_masks"
 
 
-def fold_once(gm: fx.GraphModule, analysis) -> tuple[ChannelMasks, dict]:
+def fold_once(gm: fx.GraphModule, analysis, *, fingerprint: int | None = None) -> tuple[ChannelMasks, dict]:
     """:func:`fold`, or the result FoldMasks recorded when the graph and its masks are unchanged
     since (folding canonical masks again gives them back)."""
     masks = graphsel_meta(gm).masks
     done = gm.meta.get(FOLDED_KEY)
-    if done is not None and masks is not None and done[0] == graph_fingerprint(gm) and done[1] == masks.key():
+    fingerprint = graph_fingerprint(gm) if fingerprint is None else fingerprint
+    if done is not None and masks is not None and done[0] == fingerprint and done[1] == masks.key():
         return masks, dict(done[2])
-    return fold(gm, analysis)
+    return fold(gm, analysis, fingerprint=fingerprint)

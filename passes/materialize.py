@@ -38,6 +38,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from graphsel import Contract, Diagnostic, Pass, PassResult, register_pass
 from graphsel.channels import (ChannelAnalysis, TensorVal, analyze_channels, indexed_dims, _ACT_MODULES,
                                _UNARY_FUNCS, _UNARY_METHODS)
+from graphsel.context import graph_fingerprint
 from graphsel.graph_utils import add_module, attribute_of, call_count, delete_unused_modules, recompile, replace_module
 from graphsel.masks import ChannelMasks, clear_masks, resolve_masks
 from graphsel.meta import graphsel_meta
@@ -446,8 +447,9 @@ class Materialize(Pass):
         diags: list[Diagnostic] = []
         if not meta.masks:
             return PassResult(gm, False, {}, [Diagnostic("no channel masks: nothing to materialize", level="info")])
-        a = ctx.analysis("channels", gm)
-        masks, fold_stats = fold_once(gm, a)
+        fingerprint = graph_fingerprint(gm)
+        a = ctx.analysis("channels", gm, fingerprint=fingerprint)
+        masks, fold_stats = fold_once(gm, a, fingerprint=fingerprint)
         mat = _Materializer(gm, diags)
         if masks.consumer:
             mat.discharge_consumer_masks(a, masks)

@@ -291,7 +291,7 @@ def test_materialize_reuses_the_fold_of_fold_masks_only_while_graph_and_masks_ar
 
     calls = []
     real = fm.fold
-    monkeypatch.setattr(fm, "fold", lambda gm, a: calls.append(1) or real(gm, a))
+    monkeypatch.setattr(fm, "fold", lambda gm, a, **kw: calls.append(1) or real(gm, a, **kw))
 
     class MasksOneMore(Pass):
         name = "masks_one_more"
