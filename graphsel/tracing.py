@@ -279,7 +279,7 @@ def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequenc
     work, graph = _trace_with_auto_leafing(model, leaf_types, leaf_paths, leafed, concrete_args, max_auto_leaves,
                                            training=False, share_parameters=share_parameters)
     train_differs = False
-    if any(m.training for m in model.modules()):
+    if any(m.training for m in module_index(model).values()):
         # The graph is traced with eval semantics (what graphsel verifies and deploys). Code that
         # reads self.training as a Python value (F.dropout(training=self.training), `if self.training:`)
         # is specialised at trace time; say so when the train-mode trace would differ.

@@ -260,8 +260,8 @@ class _Materializer:
         xv = x if isinstance(x, TensorVal) and x.has_channels else None
         changed_in = xv is not None and not _keep_mask(a, xv.ids, removed).all()
         if n.op == "call_module":
-            m = self.gm.get_submodule(n.target)
-            if isinstance(m, nn.Unflatten) and changed_in and isinstance(out, TensorVal):
+            m = self.gm.get_submodule(n.target) if changed_in and isinstance(out, TensorVal) else None
+            if isinstance(m, nn.Unflatten):
                 new_shape = self._new_shape(out, a, removed)
                 sizes = new_shape[m.dim if m.dim >= 0 else len(xv.shape) + m.dim:][:len(m.unflattened_size)]
                 m.unflattened_size = tuple(sizes)
