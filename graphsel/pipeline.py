@@ -11,7 +11,8 @@ touched (tracing works on a deep copy).
 ``verify=False`` is the fast path for trusted passes: nothing compares against the previous
 graph, so passes edit the pipeline's graph directly (no per-pass copies), and the traced copy
 holds the user's own Parameter objects (buffers are copied) until the end, when every parameter
-still shared is cloned — the returned module never aliases the user's. Passes replace tensors
+or buffer whose memory is one of the user's parameters (the same object, or a view a pass made
+of it) is cloned — the returned module never aliases the user's. Passes replace tensors
 rather than write into them (the version-counter check still runs and raises), and a pass that
 declares ``inplace_tensors`` gets a deep copy first; a third-party pass that writes into a
 parameter without declaring it is reported, but only after the write: use the default
@@ -265,7 +266,7 @@ def transform(model: nn.Module, passes: Any, example_inputs: Any = None, *, veri
         raise TypeError(f"graphsel.transform expects a torch.nn.Module, got {type(model).__name__}")
     pipeline = resolve_passes(passes)
     mode = _mode_of(model)
-    shared: dict[int, torch.Tensor] = {}
+    shared: set[int] = set()
     if isinstance(model, fx.GraphModule) and graphsel_meta(model, create=False) is not None:
         gm = copy.deepcopy(model)
         if example_inputs is not None:
@@ -277,7 +278,7 @@ def transform(model: nn.Module, passes: Any, example_inputs: Any = None, *, veri
         gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
                    share_parameters=not verify)
         if not verify:
-            shared = {id(t): t for t in model.parameters()}
+            shared = _storages(model.parameters())
     ctx = PassContext(example_inputs_of(gm), n_random_inputs=n_random_inputs, seed=seed)
     reference = None
     bar = tqdm(pipeline, desc="graphsel", unit="pass", disable=(not progress) if progress is not None else None,
@@ -294,14 +295,24 @@ def transform(model: nn.Module, passes: Any, example_inputs: Any = None, *, veri
     return gm
 
 
-def unshare_parameters(gm: nn.Module, shared: dict[int, torch.Tensor]) -> int:
-    """Replace every parameter of ``gm`` that is one of ``shared`` (by identity) with a clone (tied
-    parameters stay tied); returns how many were cloned."""
-    clones: dict[int, nn.Parameter] = {}
+def _storages(tensors) -> set[int]:
+    return {p for t in tensors if (p := t.untyped_storage().data_ptr())}
+
+
+def unshare_parameters(gm: nn.Module, theirs: set[int]) -> int:
+    """Replace every parameter and buffer of ``gm`` whose memory lies in one of the storages
+    ``theirs`` (the user's tensors: the same Parameter objects, or views a pass made of them) with
+    a clone; tensors that were one object stay one object (tied weights stay tied). Returns how
+    many tensors were cloned."""
+    clones: dict[int, torch.Tensor] = {}
     for m in module_index(gm).values():
-        for name, t in m._parameters.items():
-            if t is not None and id(t) in shared and shared[id(t)] is t:
+        for registry in (m._parameters, m._buffers):
+            for name, t in registry.items():
+                if t is None or t.untyped_storage().data_ptr() not in theirs:
+                    continue
                 if id(t) not in clones:
-                    clones[id(t)] = nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
-                m._parameters[name] = clones[id(t)]
+                    copy_ = t.detach().clone()
+                    clones[id(t)] = nn.Parameter(copy_, requires_grad=t.requires_grad) \
+                        if isinstance(t, nn.Parameter) else copy_
+                registry[name] = clones[id(t)]
     return len(clones)

@@ -517,3 +517,27 @@ def test_shapes_a_pass_records_are_checked_under_verification_and_trusted_withou
     out = graphsel.transform(make_net(), [ClaimsShapes()], X, verify=False)
     clone = next(n for n in out.graph.nodes if n.name == "clone")
     assert clone.meta["tensor_meta"].shape[1] == 9          # the pass's word, not re-propagated
+
+
+class RewrapsWeight(Pass):
+    """Replaces conv1's weight with a new Parameter over the same memory (``.data``): an alias the
+    identity of the Parameter object does not reveal."""
+    name = "rewraps_weight"
+    contract = Contract.EXACT
+
+    def run(self, gm, ctx):
+        conv = gm.get_submodule("conv1")
+        conv.weight = nn.Parameter(conv.weight.data)
+        conv.register_buffer("weight_view", conv.weight.detach()[:1])
+        return PassResult(gm, True)
+
+
+def test_verify_false_unshares_aliases_a_pass_made_of_the_models_parameters():
+    model = make_net()
+    snap = model_snapshot(model)
+    out = graphsel.transform(model, [RewrapsWeight()], X, verify=False)
+    theirs = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    assert not any(t.untyped_storage().data_ptr() in theirs for t in list(out.parameters()) + list(out.buffers()))
+    with torch.no_grad():
+        out.get_submodule("conv1").weight.mul_(2)
+    assert_model_unchanged(model, snap)
