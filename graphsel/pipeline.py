@@ -15,8 +15,9 @@ or buffer whose memory is one of the user's parameters (the same object, or a vi
 of it) is cloned — the returned module never aliases the user's. Passes replace tensors
 rather than write into them (the version-counter check still runs and raises), and a pass that
 declares ``inplace_tensors`` gets a deep copy first; a third-party pass that writes into a
-parameter without declaring it is reported, but only after the write: use the default
-``verify=True`` for untrusted passes.
+parameter without declaring it is reported, but only after the write (and a write through
+``.data``, whose version counter is separate, not at all): use the default ``verify=True`` for
+untrusted passes.
 """
 from __future__ import annotations
 
