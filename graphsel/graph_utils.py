@@ -9,12 +9,12 @@ import torch.nn as nn
 COMPILED_KEY = "graphsel_compiled_fingerprint"
 
 
-def recompile(gm: fx.GraphModule) -> None:
-    """``gm.recompile()``, recording the graph's fingerprint: the pipeline skips recompiling a
-    graph whose code is already current."""
+def recompile(gm: fx.GraphModule, fingerprint: int | None = None) -> None:
+    """``gm.recompile()``, recording the graph's fingerprint (``fingerprint``: the caller's, when it
+    has it): the pipeline skips recompiling a graph whose code is already current."""
     from .context import graph_fingerprint
     gm.recompile()
-    gm.meta[COMPILED_KEY] = graph_fingerprint(gm)
+    gm.meta[COMPILED_KEY] = graph_fingerprint(gm) if fingerprint is None else fingerprint
 
 
 def module_index(root: nn.Module) -> dict[str, nn.Module]:
@@ -32,6 +32,16 @@ def module_index(root: nn.Module) -> dict[str, nn.Module]:
         children = [(f"{prefix}.{name}" if prefix else name, c) for name, c in m._modules.items() if c is not None]
         stack.extend(reversed(children))
     return out
+
+
+def module_tensors(index: dict[str, nn.Module]):
+    """``(module path, registry, name, tensor)`` for every parameter, then buffer, of every module
+    of a :func:`module_index`; ``registry`` is the module's ``_parameters`` or ``_buffers`` dict."""
+    for path, m in index.items():
+        for registry in (m._parameters, m._buffers):
+            for name, t in registry.items():
+                if t is not None:
+                    yield path, registry, name, t
 
 
 def split_path(path: str) -> tuple[str, str]:

@@ -37,9 +37,9 @@ from .context import PassContext, graph_fingerprint
 from .errors import FunctionChangedError, GraphselError, PassError
 from .meta import PassRecord, graphsel_meta
 from .passbase import Contract, Pass, PassResult
+from .graph_utils import COMPILED_KEY, module_index, module_tensors, recompile
 from .registry import resolve_passes
 from .shapes import propagate_shapes
-from .graph_utils import COMPILED_KEY, module_index
 from .tracing import example_inputs_of, trace
 from .verify import Deviation, compare_outputs, first_divergence, reference_forward
 
@@ -95,32 +95,19 @@ def copy_for_pass(gm: fx.GraphModule, p: Pass) -> fx.GraphModule:
 
 
 def _tensor_versions(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, int]]:
-    out = {}
-    for prefix, m in module_index(gm).items():
-        for registry in (m._parameters, m._buffers):
-            for key, t in registry.items():
-                if t is not None:
-                    out[f"{prefix}.{key}" if prefix else key] = (t, t._version)
-    return out
+    return {f"{path}.{name}" if path else name: (t, t._version)
+            for path, _, name, t in module_tensors(module_index(gm))}
 
 
 def _shape_signature(gm: fx.GraphModule) -> tuple:
     """What the propagated shapes depend on: the graph's structure (:func:`graph_fingerprint`)
     and the shape, dtype and device of every parameter and buffer, the settings of every leaf
     module (its ``repr``: stride, padding, ...) and which nodes carry shapes."""
-    tensors, modules = [], []
     index = module_index(gm)
-    for name, m in index.items():
-        for key, t in m._parameters.items():
-            if t is not None:
-                tensors.append((name, key, t.shape, t.dtype, t.device))
-        for key, t in m._buffers.items():
-            if t is not None:
-                tensors.append((name, key, t.shape, t.dtype, t.device))
-        if name and not m._modules:
-            modules.append(repr(m))
+    tensors = tuple((path, name, t.shape, t.dtype, t.device) for path, _, name, t in module_tensors(index))
+    modules = tuple(repr(m) for path, m in index.items() if path and not m._modules)
     shaped = frozenset(n.name for n in gm.graph.nodes if "tensor_meta" in n.meta)
-    return graph_fingerprint(gm, index), tuple(tensors), shaped, tuple(modules)
+    return graph_fingerprint(gm, index), tensors, shaped, modules
 
 
 def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = True,
@@ -167,8 +154,7 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
     if not unchanged:
         _check_invariants(new, p.name)
         if new.meta.get(COMPILED_KEY) != new_signature[0]:
-            new.recompile()
-            new.meta[COMPILED_KEY] = new_signature[0]
+            recompile(new, new_signature[0])
     inputs = example_inputs_of(new) or ctx.example_inputs
     if result.modified and inputs is not None and not unchanged:
         # a pass that derived the new shapes itself (``shapes_current``) is trusted without
@@ -306,14 +292,11 @@ def unshare_parameters(gm: nn.Module, theirs: set[int]) -> int:
     a clone; tensors that were one object stay one object (tied weights stay tied). Returns how
     many tensors were cloned."""
     clones: dict[int, torch.Tensor] = {}
-    for m in module_index(gm).values():
-        for registry in (m._parameters, m._buffers):
-            for name, t in registry.items():
-                if t is None or t.untyped_storage().data_ptr() not in theirs:
-                    continue
-                if id(t) not in clones:
-                    copy_ = t.detach().clone()
-                    clones[id(t)] = nn.Parameter(copy_, requires_grad=t.requires_grad) \
-                        if isinstance(t, nn.Parameter) else copy_
-                registry[name] = clones[id(t)]
+    for _, registry, name, t in list(module_tensors(module_index(gm))):
+        if t.untyped_storage().data_ptr() not in theirs:
+            continue
+        if id(t) not in clones:
+            copy_ = t.detach().clone()
+            clones[id(t)] = nn.Parameter(copy_, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else copy_
+        registry[name] = clones[id(t)]
     return len(clones)

@@ -25,7 +25,10 @@ def node_source(node: fx.Node) -> str:
     return f"{node.op} {node.target}"
 
 
-_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+# innermost-first dimension orders of the memory formats (empty: every rank, last dim innermost)
+_FORMAT_ORDERS = ((torch.contiguous_format, ()), (torch.channels_last, (1, 3, 2, 0)),
+                  (torch.channels_last_3d, (1, 4, 3, 2, 0)))
+_FORMATS = tuple(f for f, _ in _FORMAT_ORDERS)
 
 
 def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
@@ -201,11 +204,8 @@ def resized_meta(tm: TensorMetadata, shape: tuple[int, ...]) -> TensorMetadata |
     if len(shape) != len(old_shape):
         return None
     order = sorted(range(len(old_shape)), key=lambda d: (-old_stride[d], d))     # outermost first
-    expect = 1
-    for d in reversed(order):
-        if old_shape[d] != 1 and old_stride[d] != expect:
-            return None
-        expect *= old_shape[d]
+    if not _dense_along(old_shape, old_stride, tuple(reversed(order))):
+        return None
     stride = [0] * len(shape)
     step = 1
     for d in reversed(order):
@@ -216,13 +216,9 @@ def resized_meta(tm: TensorMetadata, shape: tuple[int, ...]) -> TensorMetadata |
     return tm._replace(shape=torch.Size(shape), stride=tuple(stride), memory_format=fmt)
 
 
-# innermost-first dimension orders of the memory formats (empty: every rank, last dim innermost)
-_FORMAT_ORDERS = ((torch.contiguous_format, ()), (torch.channels_last, (1, 3, 2, 0)),
-                  (torch.channels_last_3d, (1, 4, 3, 2, 0)))
-
-
 def _dense_along(shape: tuple[int, ...], stride: tuple[int, ...], inner_first: tuple[int, ...]) -> bool:
-    """PyTorch's contiguity test for a memory format (size-1 dimensions are ignored)."""
+    """PyTorch's contiguity test for a layout whose dimensions, innermost first, are
+    ``inner_first`` (size-1 dimensions are ignored; an empty tensor is contiguous)."""
     if 0 in shape:
         return True
     expect = 1

@@ -572,12 +572,11 @@ class DynamicGroupConv2d(nn.Module):
             return "per_sample"
         per_weight = (self.out_channels // self.heads) * self.kernel_size[0] * self.kernel_size[1]
         stride = self.stride[0] * self.stride[1]
-        gathered = pixels
         h = self.heads
 
         def cost(width: int, samples: int) -> float:
             return (h * width * per_weight * (samples * pixels / stride + self._GATHER_COST)
-                    + self._INPUT_COST * samples * h * width * gathered)
+                    + self._INPUT_COST * samples * h * width * pixels)
 
         shared = cost(union_width, n)
         per_sample = n * (cost(width, 1) + self._CALL_COST)

@@ -21,9 +21,13 @@ import numpy as np
 import torch.fx as fx
 
 from graphsel import Contract, Diagnostic, Pass, PassResult, register_pass
-from graphsel.masks import ChannelMasks, dead_classes, removal_positions, resolve_masks, vanishing_tensors
 from graphsel.context import graph_fingerprint
+from graphsel.masks import ChannelMasks, dead_classes, removal_positions, resolve_masks, vanishing_tensors
 from graphsel.meta import graphsel_meta
+
+#: ``gm.meta`` key: (graph fingerprint, masks key, stats) of the masks FoldMasks left, so that
+#: Materialize does not fold the same masks of the same graph again
+FOLDED_KEY = "graphsel_folded_masks"
 
 
 def fold(gm: fx.GraphModule, analysis, *, fingerprint: int | None = None) -> tuple[ChannelMasks, dict]:
@@ -83,10 +87,6 @@ class FoldMasks(Pass):
         gm.meta[FOLDED_KEY] = (fingerprint, canonical.key(), stats)
         return PassResult(gm, modified=False, stats=stats, diagnostics=diags)
 
-
-#: ``gm.meta`` key: (graph fingerprint, masks key, stats) of the masks FoldMasks left, so that
-#: Materialize does not fold the same masks of the same graph again
-FOLDED_KEY = "graphsel_folded_masks"
 
 
 def fold_once(gm: fx.GraphModule, analysis, *, fingerprint: int | None = None) -> tuple[ChannelMasks, dict]:
