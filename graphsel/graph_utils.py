@@ -49,10 +49,19 @@ def split_path(path: str) -> tuple[str, str]:
     return parent, name
 
 
-def replace_module(gm: fx.GraphModule, path: str, new: nn.Module) -> None:
-    """Put ``new`` at dotted ``path`` (no recompile needed: call_module nodes look modules up by name)."""
-    parent, name = split_path(path)
-    setattr(gm.get_submodule(parent) if parent else gm, name, new)
+def replace_module(gm: fx.GraphModule, path: str, new: nn.Module, index: dict[str, nn.Module] | None = None) -> None:
+    """Put ``new`` at dotted ``path`` (no recompile needed: call_module nodes look modules up by name).
+    ``index``: a :func:`module_index` of ``gm`` to find the parent in (kept current)."""
+    parent_path, name = split_path(path)
+    parent = index.get(parent_path) if index is not None else None
+    if parent is None:
+        parent = gm.get_submodule(parent_path) if parent_path else gm
+    if index is not None:
+        index[path] = new
+    if name in parent._modules:
+        parent._modules[name] = new          # what nn.Module.__setattr__ does for a registered child
+    else:
+        setattr(parent, name, new)
 
 
 def call_count(gm: fx.GraphModule, path: str) -> int:

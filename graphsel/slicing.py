@@ -3,11 +3,17 @@ the mask oracle, which runs channel-reducing ops on the kept channels only).
 
 Every function takes ``keep``: a 1-D LongTensor (or sequence) of positions to keep, in order,
 and returns a NEW module; the input module is never modified. Sliced tensors are fresh memory
-(``index_select`` copies); a tensor that is not sliced is cloned, so nothing is shared.
+(``index_select`` copies); a tensor that is not sliced is the input module's (copy-on-write: the
+copy's registries are its own, so replacing one of its tensors leaves the input alone).
+
+Materialize slices hundreds of modules per model, so the new module's tensors and sizes are
+written straight into its registries and ``__dict__`` (what ``nn.Module.__setattr__`` ends up
+doing for a name that already holds a parameter, buffer or plain value), not through
+``__setattr__``'s generic checks.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,14 +36,36 @@ def slice_tensor(t: torch.Tensor, dim: int, keep) -> torch.Tensor:
 
 
 def _replace_param(m: nn.Module, name: str, dim: int, keep) -> None:
-    t = getattr(m, name, None)
-    if t is None:
-        return
-    new = slice_tensor(t, dim, keep)
-    if isinstance(t, nn.Parameter):
-        setattr(m, name, new)
+    """Slice ``m``'s parameter or buffer ``name`` (when it has one) along ``dim``, in place in
+    ``m``'s registry."""
+    for registry in (m._parameters, m._buffers):
+        t = registry.get(name)
+        if t is not None:
+            registry[name] = slice_tensor(t, dim, keep)
+            return
+    t = getattr(m, name, None)                  # not registered (a parametrization's property, say)
+    if isinstance(t, torch.Tensor):
+        setattr(m, name, slice_tensor(t, dim, keep))
+
+
+def _set_param(m: nn.Module, name: str, t: torch.Tensor, requires_grad: bool) -> None:
+    """``m.<name> = nn.Parameter(t)``; straight into the registry when ``name`` is a registered
+    parameter (not, say, a parametrization's property)."""
+    p = nn.Parameter(t, requires_grad)
+    if name in m._parameters:
+        m._parameters[name] = p
     else:
-        m._buffers[name] = new
+        setattr(m, name, p)
+
+
+def _set_sizes(m: nn.Module, **sizes: Any) -> None:
+    """``m.<name> = value`` for plain attributes (channel counts): straight into ``__dict__`` when
+    the attribute lives there, through ``setattr`` otherwise."""
+    for name, value in sizes.items():
+        if name in m.__dict__:
+            m.__dict__[name] = value
+        else:
+            setattr(m, name, value)
 
 
 def _clone(m: nn.Module) -> nn.Module:
@@ -54,8 +82,8 @@ def slice_conv(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, keep_out=None, keep_in=None
         keep_out = as_index(keep_out)
         w = w.detach().index_select(0, keep_out)
         if m.bias is not None:
-            new.bias = nn.Parameter(m.bias.detach().index_select(0, keep_out), m.bias.requires_grad)
-        new.out_channels = len(keep_out)
+            _set_param(new, "bias", m.bias.detach().index_select(0, keep_out), m.bias.requires_grad)
+        _set_sizes(new, out_channels=len(keep_out))
     if keep_in is not None:
         keep_in = as_index(keep_in)
         per = m.in_channels // g
@@ -66,8 +94,8 @@ def slice_conv(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, keep_out=None, keep_in=None
             if not bool((local == local[:1]).all()):
                 raise ValueError(f"grouped conv input positions differ between groups: {keep_in.tolist()}")
             w = w.index_select(1, local[0])
-        new.in_channels = len(keep_in)
-    new.weight = nn.Parameter(w.detach() if w is not m.weight else w.detach().clone(), m.weight.requires_grad)
+        _set_sizes(new, in_channels=len(keep_in))
+    _set_param(new, "weight", w.detach() if w is not m.weight else w.detach().clone(), m.weight.requires_grad)
     return new
 
 
@@ -75,10 +103,10 @@ def slice_depthwise(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, keep) -> nn.Module:
     """A depthwise conv (groups = in = out channels) restricted to channels ``keep``."""
     keep = as_index(keep)
     new = _clone(m)
-    new.weight = nn.Parameter(m.weight.detach().index_select(0, keep), m.weight.requires_grad)
+    _set_param(new, "weight", m.weight.detach().index_select(0, keep), m.weight.requires_grad)
     if m.bias is not None:
-        new.bias = nn.Parameter(m.bias.detach().index_select(0, keep), m.bias.requires_grad)
-    new.in_channels = new.out_channels = new.groups = len(keep)
+        _set_param(new, "bias", m.bias.detach().index_select(0, keep), m.bias.requires_grad)
+    _set_sizes(new, in_channels=len(keep), out_channels=len(keep), groups=len(keep))
     return new
 
 
@@ -89,14 +117,13 @@ def slice_linear(m: nn.Linear, keep_out=None, keep_in=None) -> nn.Linear:
         keep_out = as_index(keep_out)
         w = w.index_select(0, keep_out)
         if m.bias is not None:
-            new.bias = nn.Parameter(m.bias.detach().index_select(0, keep_out), m.bias.requires_grad)
-        new.out_features = len(keep_out)
+            _set_param(new, "bias", m.bias.detach().index_select(0, keep_out), m.bias.requires_grad)
+        _set_sizes(new, out_features=len(keep_out))
     if keep_in is not None:
         keep_in = as_index(keep_in)
         w = w.index_select(1, keep_in)
-        new.in_features = len(keep_in)
-    new.weight = nn.Parameter(w if (keep_out is not None or keep_in is not None) else w.clone(),
-                              m.weight.requires_grad)
+        _set_sizes(new, in_features=len(keep_in))
+    _set_param(new, "weight", w if (keep_out is not None or keep_in is not None) else w.clone(), m.weight.requires_grad)
     return new
 
 
@@ -108,26 +135,26 @@ def slice_per_channel(m: nn.Module, keep) -> nn.Module:
     if isinstance(m, nn.modules.batchnorm._BatchNorm) or isinstance(m, nn.modules.instancenorm._InstanceNorm):
         for name in ("weight", "bias", "running_mean", "running_var"):
             _replace_param(new, name, 0, keep)
-        new.num_features = k
+        _set_sizes(new, num_features=k)
     elif isinstance(m, nn.LayerNorm):
         for name in ("weight", "bias"):
             _replace_param(new, name, 0, keep)
-        new.normalized_shape = (k,)
+        _set_sizes(new, normalized_shape=(k,))
     elif isinstance(m, nn.GroupNorm):
         per = m.num_channels // m.num_groups
         for name in ("weight", "bias"):
             _replace_param(new, name, 0, keep)
         if m.num_groups == m.num_channels:
-            new.num_groups = k
+            _set_sizes(new, num_groups=k)
         elif m.num_groups > 1:
             if k % per:
                 raise ValueError(f"GroupNorm keeps {k} channels, not whole groups of {per}")
-            new.num_groups = k // per
-        new.num_channels = k
+            _set_sizes(new, num_groups=k // per)
+        _set_sizes(new, num_channels=k)
     elif isinstance(m, nn.PReLU):
         if m.num_parameters > 1:
             _replace_param(new, "weight", 0, keep)
-            new.num_parameters = k
+            _set_sizes(new, num_parameters=k)
     elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return slice_depthwise(m, keep)
     else:

@@ -39,7 +39,8 @@ from graphsel import Contract, Diagnostic, Pass, PassResult, register_pass
 from graphsel.channels import (ChannelAnalysis, TensorVal, analyze_channels, indexed_dims, _ACT_MODULES,
                                _UNARY_FUNCS, _UNARY_METHODS)
 from graphsel.context import graph_fingerprint
-from graphsel.graph_utils import add_module, attribute_of, call_count, delete_unused_modules, recompile, replace_module
+from graphsel.graph_utils import (add_module, attribute_of, call_count, delete_unused_modules, module_index, recompile,
+                                  replace_module)
 from graphsel.masks import ChannelMasks, clear_masks, resolve_masks
 from graphsel.meta import graphsel_meta
 from graphsel.shapes import propagate_shapes, resized_meta
@@ -167,17 +168,28 @@ class _Materializer:
     # -- step 3: slots --------------------------------------------------------------------
     def slice_slots(self, a: ChannelAnalysis, removed: np.ndarray) -> None:
         per_module: dict[str, dict[str, torch.Tensor]] = {}
-        for key, slot in a.slots.items():
-            keep = _keep_mask(a, slot.ids[0], removed)
-            if keep.all():
-                continue
-            idx = torch.from_numpy(np.flatnonzero(keep))
+        slots = list(a.slots.items())
+        if not slots:
+            return
+        # every slot's keep flags in one lookup; only slots that lose a position are visited
+        lengths = np.fromiter((len(slot.ids[0]) for _, slot in slots), dtype=np.int64, count=len(slots))
+        keep_all = _keep_mask(a, np.concatenate([slot.ids[0] for _, slot in slots]), removed)
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        if not len(keep_all):
+            return
+        lost = np.add.reduceat((~keep_all).astype(np.int64), np.minimum(starts, len(keep_all) - 1))
+        lost[lengths == 0] = 0                   # reduceat reads one element for an empty segment
+        for i in np.flatnonzero(lost):
+            key, slot = slots[i]
+            idx = torch.from_numpy(np.flatnonzero(keep_all[starts[i]:ends[i]]))
             if key[0] == "module":
                 per_module.setdefault(key[1], {})[key[2]] = idx
             elif key[0] == "param":
                 self._slice_param(key[1], key[2], idx)
+        index = module_index(self.gm)
         for path, parts in per_module.items():
-            m = self.gm.get_submodule(path)
+            m = index[path] if path in index else self.gm.get_submodule(path)
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 if "chan" in parts:
                     new = slice_per_channel(m, parts["chan"])
@@ -187,7 +199,7 @@ class _Materializer:
                 new = slice_linear(m, parts.get("out"), parts.get("in"))
             else:
                 new = slice_per_channel(m, parts["chan"])
-            replace_module(self.gm, path, new)
+            replace_module(self.gm, path, new, index)
             self.stats["modules_sliced"] += 1
 
     def _slice_param(self, target: str, dim: int, idx: torch.Tensor) -> None:
