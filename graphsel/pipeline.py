@@ -99,15 +99,16 @@ def _tensor_versions(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, int]]:
             for path, _, name, t in module_tensors(module_index(gm))}
 
 
-def _shape_signature(gm: fx.GraphModule) -> tuple:
-    """What the propagated shapes depend on: the graph's structure (:func:`graph_fingerprint`)
-    and the shape, dtype and device of every parameter and buffer, the settings of every leaf
-    module (its ``repr``: stride, padding, ...) and which nodes carry shapes."""
+def _shape_signature(gm: fx.GraphModule, fingerprint: int | None = None) -> tuple:
+    """What the propagated shapes depend on: the graph's structure (:func:`graph_fingerprint`;
+    ``fingerprint``: the caller's, when it has it) and the shape, dtype and device of every
+    parameter and buffer, the settings of every leaf module (its ``repr``: stride, padding, ...)
+    and which nodes carry shapes."""
     index = module_index(gm)
     tensors = tuple((path, name, t.shape, t.dtype, t.device) for path, _, name, t in module_tensors(index))
     modules = tuple(repr(m) for path, m in index.items() if path and not m._modules)
     shaped = frozenset(n.name for n in gm.graph.nodes if "tensor_meta" in n.meta)
-    return graph_fingerprint(gm, index), tensors, shaped, modules
+    return graph_fingerprint(gm, index) if fingerprint is None else fingerprint, tensors, shaped, modules
 
 
 def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = True,
@@ -115,8 +116,8 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
              atol: float | None = None, signature: tuple | None = None
              ) -> tuple[fx.GraphModule, PassRecord, list[list[torch.Tensor]] | None, tuple]:
     """Run one pass on a copy of ``gm`` with all checks; returns (new gm, history row, new
-    reference outputs, the new gm's shape signature). ``signature``: ``gm``'s, when the caller
-    has it from the previous pass (nothing touched ``gm`` since)."""
+    reference outputs, the new gm's shape signature or None when it was not needed). ``signature``:
+    ``gm``'s, when the caller has it from the previous pass (nothing touched ``gm`` since)."""
     if verify and reference is None and ctx.verify_inputs():
         reference = [reference_forward(gm, x) for x in ctx.verify_inputs()]
     # Without verification nothing reads the previous graph again: the pass edits ``gm`` itself
@@ -149,12 +150,14 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
     new.meta.setdefault("graphsel", graphsel_meta(work))
     # a pass that changed only metadata (masks) keeps the graph (valid before), the code and the
     # shapes its copy carries: checking, recompiling and re-running the model are skipped
-    new_signature = _shape_signature(new)
-    unchanged = new is work and new_signature == signature
+    # (the full signature only when the graph's fingerprint leaves the question open)
+    new_fingerprint = graph_fingerprint(new)
+    new_signature = _shape_signature(new, new_fingerprint) if new is work and new_fingerprint == signature[0] else None
+    unchanged = new_signature == signature
     if not unchanged:
         _check_invariants(new, p.name)
-        if new.meta.get(COMPILED_KEY) != new_signature[0]:
-            recompile(new, new_signature[0])
+        if new.meta.get(COMPILED_KEY) != new_fingerprint:
+            recompile(new, new_fingerprint)
     inputs = example_inputs_of(new) or ctx.example_inputs
     if result.modified and inputs is not None and not unchanged:
         # a pass that derived the new shapes itself (``shapes_current``) is trusted without
@@ -167,9 +170,9 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
                 raise PassError(p.name, f"the rewritten graph no longer runs on the example inputs: {e}") from e
             if predicted is not None:
                 _check_predicted_shapes(p.name, predicted, _recorded_shapes(new))
-            new_signature = _shape_signature(new)
+            new_signature = None                 # which nodes carry shapes may have changed
     names_after = {n.name for n in new.graph.nodes}
-    params_after, macs_after = _cost_pair(new, ctx, new_signature[0])
+    params_after, macs_after = _cost_pair(new, ctx, new_fingerprint)
 
     dev: Deviation | None = None
     vt0 = time.perf_counter()
