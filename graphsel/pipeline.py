@@ -94,17 +94,17 @@ def copy_for_pass(gm: fx.GraphModule, p: Pass) -> fx.GraphModule:
     return copy.deepcopy(gm, memo)
 
 
-def _tensor_versions(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, int]]:
-    return {f"{path}.{name}" if path else name: (t, t._version)
-            for path, _, name, t in module_tensors(module_index(gm))}
+def _tensor_versions(gm: fx.GraphModule, index: dict[str, nn.Module]) -> dict[str, tuple[torch.Tensor, int]]:
+    return {f"{path}.{name}" if path else name: (t, t._version) for path, _, name, t in module_tensors(index)}
 
 
-def _shape_signature(gm: fx.GraphModule, fingerprint: int | None = None) -> tuple:
+def _shape_signature(gm: fx.GraphModule, fingerprint: int | None = None,
+                     index: dict[str, nn.Module] | None = None) -> tuple:
     """What the propagated shapes depend on: the graph's structure (:func:`graph_fingerprint`;
     ``fingerprint``: the caller's, when it has it) and the shape, dtype and device of every
     parameter and buffer, the settings of every leaf module (its ``repr``: stride, padding, ...)
-    and which nodes carry shapes."""
-    index = module_index(gm)
+    and which nodes carry shapes. ``index``: ``module_index(gm)``, when the caller has it."""
+    index = module_index(gm) if index is None else index
     tensors = tuple((path, name, t.shape, t.dtype, t.device) for path, _, name, t in module_tensors(index))
     modules = tuple(repr(m) for path, m in index.items() if path and not m._modules)
     shaped = frozenset(n.name for n in gm.graph.nodes if "tensor_meta" in n.meta)
@@ -124,9 +124,10 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
     # (the pipeline's own modules; tensors a pass may edit in place are still copied first).
     in_place = not verify and not p.inplace_tensors
     work = gm if in_place else copy_for_pass(gm, p)
+    index = module_index(gm)
     if signature is None:
-        signature = _shape_signature(work)
-    versions = {} if p.inplace_tensors else _tensor_versions(gm)
+        signature = _shape_signature(work, index=index if work is gm else None)
+    versions = {} if p.inplace_tensors else _tensor_versions(gm, index)
     names_before = {n.name for n in gm.graph.nodes}
     params_before, macs_before = _cost_pair(gm, ctx, signature[0])
     t0 = time.perf_counter()
@@ -151,8 +152,10 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
     # a pass that changed only metadata (masks) keeps the graph (valid before), the code and the
     # shapes its copy carries: checking, recompiling and re-running the model are skipped
     # (the full signature only when the graph's fingerprint leaves the question open)
-    new_fingerprint = graph_fingerprint(new)
-    new_signature = _shape_signature(new, new_fingerprint) if new is work and new_fingerprint == signature[0] else None
+    new_index = module_index(new)
+    new_fingerprint = graph_fingerprint(new, new_index)
+    new_signature = (_shape_signature(new, new_fingerprint, new_index)
+                     if new is work and new_fingerprint == signature[0] else None)
     unchanged = new_signature == signature
     if not unchanged:
         _check_invariants(new, p.name)
