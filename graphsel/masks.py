@@ -200,14 +200,20 @@ def vanishing_tensors(a: ChannelAnalysis, removed: set[int]) -> list[tuple[str, 
     if not removed:
         return []
     gone = a.class_lookup(removed)
-    out = []
+    names, id_arrays = [], []
     for name, v in a.values.items():
         for t in (v if isinstance(v, tuple) else (v,)):
             if isinstance(t, TensorVal) and t.has_channels and len(t.ids):
-                cls = a.class_of(t.ids)
-                if gone[cls].all():                    # label -1 (no channel) counts as kept
-                    out.append((name, cls))
-    return out
+                names.append(name)
+                id_arrays.append(t.ids)
+    if not names:
+        return []
+    # every tensor's classes in one lookup; a tensor vanishes when none of its positions is kept
+    lengths = np.fromiter((len(ids) for ids in id_arrays), dtype=np.int64, count=len(id_arrays))
+    starts = np.cumsum(lengths) - lengths
+    cls = a.class_of(np.concatenate(id_arrays))
+    kept = np.add.reduceat((~gone[cls]).astype(np.int64), starts)   # label -1 (no channel) counts as kept
+    return [(names[i], cls[starts[i]:starts[i] + lengths[i]]) for i in np.flatnonzero(kept == 0)]
 
 
 def _check_sources_survive(a: ChannelAnalysis, removed: set[int]) -> None:

@@ -63,6 +63,8 @@ class _Materializer:
         self.diags = diags
         self.stats = {"gathers": 0, "zeroed_columns": 0, "modules_sliced": 0, "params_sliced": 0,
                       "shape_args_rewritten": 0}
+        self._kept_key: tuple | None = None            # see _kept_count
+        self._kept_memo: dict[int, int] = {}
 
     # -- step 2: consumer masks -----------------------------------------------------------
     def discharge_consumer_masks(self, a: ChannelAnalysis, masks: ChannelMasks) -> None:
@@ -261,16 +263,33 @@ class _Materializer:
             except _CannotRewrite as e:
                 raise RuntimeError(f"cannot rewrite the shape arguments of node {n.name}: {e}") from None
 
+    def _kept_count(self, a: ChannelAnalysis, ids: np.ndarray, removed: np.ndarray) -> int:
+        """How many of the positions ``ids`` are kept. Counted for every channel tensor of ``a`` in
+        one lookup the first time (materialize asks for most of them), then read back."""
+        key = (id(a), id(removed))
+        if self._kept_key != key:
+            arrays = {id(t.ids): t.ids for v in a.values.values() for t in (v if isinstance(v, tuple) else (v,))
+                      if isinstance(t, TensorVal) and t.has_channels and len(t.ids)}
+            self._kept_key, self._kept_memo = key, {}
+            if arrays:
+                lengths = np.fromiter((len(x) for x in arrays.values()), dtype=np.int64, count=len(arrays))
+                starts = np.cumsum(lengths) - lengths
+                counts = np.add.reduceat(_keep_mask(a, np.concatenate(list(arrays.values())), removed).astype(np.int64),
+                                         starts)
+                self._kept_memo = dict(zip(arrays, counts.tolist()))
+        hit = self._kept_memo.get(id(ids))
+        return int(_keep_mask(a, ids, removed).sum()) if hit is None else hit
+
     def _new_shape(self, v: TensorVal, a, removed) -> tuple[int, ...]:
         shape = list(v.shape)
         if v.has_channels:
-            shape[v.dim] = int(_keep_mask(a, v.ids, removed).sum())
+            shape[v.dim] = self._kept_count(a, v.ids, removed)
         return tuple(shape)
 
     def _rewrite(self, n: fx.Node, x: Any, out: Any, a, removed) -> None:
         name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
         xv = x if isinstance(x, TensorVal) and x.has_channels else None
-        changed_in = xv is not None and not _keep_mask(a, xv.ids, removed).all()
+        changed_in = xv is not None and self._kept_count(a, xv.ids, removed) < len(xv.ids)
         if n.op == "call_module":
             m = self.gm.get_submodule(n.target) if changed_in and isinstance(out, TensorVal) else None
             if isinstance(m, nn.Unflatten):
