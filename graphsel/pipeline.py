@@ -14,7 +14,9 @@ holds the user's own Parameter objects (buffers are copied) until the end, when 
 or buffer whose memory is one of the user's parameters (the same object, or a view a pass made
 of it) is cloned — the returned module never aliases the user's. Passes replace tensors
 rather than write into them (the version-counter check still runs and raises), and a pass that
-declares ``inplace_tensors`` gets a deep copy first; a third-party pass that writes into a
+declares ``inplace_tensors`` gets a deep copy first; a pass's ``modified=False`` is taken at its
+word while the graph's fingerprint agrees (no shape signature, no re-check of leaf-module
+settings); a third-party pass that writes into a
 parameter without declaring it is reported, but only after the write (and a write through
 ``.data``, whose version counter is separate, not at all): use the default ``verify=True`` for
 untrusted passes.
@@ -117,7 +119,12 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
              ) -> tuple[fx.GraphModule, PassRecord, list[list[torch.Tensor]] | None, tuple]:
     """Run one pass on a copy of ``gm`` with all checks; returns (new gm, history row, new
     reference outputs, the new gm's shape signature or None when it was not needed). ``signature``:
-    ``gm``'s, when the caller has it from the previous pass (nothing touched ``gm`` since)."""
+    ``gm``'s, when the caller has it from the previous pass (nothing touched ``gm`` since).
+
+    Whether a pass changed the graph (and so needs checking, new code and new shapes): with
+    verification, its result's full shape signature is compared with the input's; without, the
+    pass is trusted as the rest of that mode trusts it — a result it reports unmodified, with an
+    unchanged graph fingerprint, is unchanged (the "signature" is then the fingerprint alone)."""
     if verify and reference is None and ctx.verify_inputs():
         reference = [reference_forward(gm, x) for x in ctx.verify_inputs()]
     # Without verification nothing reads the previous graph again: the pass edits ``gm`` itself
@@ -126,7 +133,8 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
     work = gm if in_place else copy_for_pass(gm, p)
     index = module_index(gm)
     if signature is None:
-        signature = _shape_signature(work, index=index if work is gm else None)
+        signature = (_shape_signature(work, index=index if work is gm else None) if verify
+                     else (graph_fingerprint(gm, index),))
     versions = {} if p.inplace_tensors else _tensor_versions(gm, index)
     names_before = {n.name for n in gm.graph.nodes}
     params_before, macs_before = _cost_pair(gm, ctx, signature[0])
@@ -154,9 +162,13 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
     # (the full signature only when the graph's fingerprint leaves the question open)
     new_index = module_index(new)
     new_fingerprint = graph_fingerprint(new, new_index)
-    new_signature = (_shape_signature(new, new_fingerprint, new_index)
-                     if new is work and new_fingerprint == signature[0] else None)
-    unchanged = new_signature == signature
+    if verify:
+        new_signature = (_shape_signature(new, new_fingerprint, new_index)
+                         if new is work and new_fingerprint == signature[0] else None)
+        unchanged = new_signature == signature
+    else:
+        new_signature = (new_fingerprint,)
+        unchanged = new is work and not result.modified and new_fingerprint == signature[0]
     if not unchanged:
         _check_invariants(new, p.name)
         if new.meta.get(COMPILED_KEY) != new_fingerprint:

@@ -541,3 +541,29 @@ def test_verify_false_unshares_aliases_a_pass_made_of_the_models_parameters():
     with torch.no_grad():
         out.get_submodule("conv1").weight.mul_(2)
     assert_model_unchanged(model, snap)
+
+
+class EditsButSaysUnmodified(Pass):
+    """Doubles conv1's output in the graph and reports ``modified=False`` (a buggy pass)."""
+    name = "edits_but_says_unmodified"
+    contract = Contract.APPROXIMATE
+
+    def run(self, gm, ctx):
+        conv = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "conv1")
+        with gm.graph.inserting_after(conv):
+            doubled = gm.graph.call_function(torch.mul, (conv, 2.0))
+        conv.replace_all_uses_with(doubled, delete_user_cb=lambda u: u is not doubled)
+        return PassResult(gm, modified=False)
+
+
+def test_verify_false_catches_a_graph_edit_a_pass_reports_as_unmodified():
+    """Without verification a pass's ``modified=False`` is trusted only while the graph's
+    fingerprint agrees: the edit is still compiled into the returned module's code."""
+    torch.manual_seed(0)
+    model = make_net()
+    out = graphsel.transform(model, [EditsButSaysUnmodified()], X, verify=False)
+    assert any(n.target is torch.mul for n in out.graph.nodes)
+    assert "torch.mul" in out.code
+    reference = graphsel.trace(model, X)
+    with torch.no_grad():
+        assert not torch.allclose(out(*X), reference(*X))
