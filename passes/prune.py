@@ -101,7 +101,7 @@ class _Scorer:
             if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
                 continue
             w = m.weight.detach()
-            norms = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), 1, dim=1).double().numpy()
+            norms = w.reshape(w.shape[0], -1).abs().sum(1).double().numpy()     # L1 (faster than vector_norm)
             norms = norms / (norms.mean() + 1e-12)
             mine = pc >= 0
             total += np.bincount(pc[mine], weights=norms[mine], minlength=g.size)
