@@ -49,6 +49,28 @@ def deepcopy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn
     return _copy(module, {} if memo is None else memo)
 
 
+def clone_memo(tensors, candidates) -> dict[int, torch.Tensor]:
+    """Memo entries (for :func:`deepcopy_module`) that copy tensors of ``candidates`` with
+    ``clone()``: what ``copy.deepcopy`` gives for a dense ``torch.Tensor`` that needs no grad,
+    has no Python attributes and owns all of its storage, which no other tensor of ``tensors``
+    (every tensor the copy will meet) shares — at a fraction of its cost (BatchNorm statistics,
+    say). Anything else (views, shared storage, subclasses, Parameters) is left to the copier."""
+    tensors = list(tensors)
+    uses: dict[int, int] = {}
+    for t in {id(t): t for t in tensors}.values():
+        if t.layout is torch.strided and not t.is_quantized:
+            ptr = t.untyped_storage().data_ptr()
+            uses[ptr] = uses.get(ptr, 0) + 1
+    memo: dict[int, torch.Tensor] = {}
+    for t in candidates:
+        if (type(t) is torch.Tensor and not t.requires_grad and t.layout is torch.strided and not t.is_quantized
+                and not t.__dict__ and t.is_contiguous() and t.storage_offset() == 0
+                and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+                and uses.get(t.untyped_storage().data_ptr()) == 1):
+            memo[id(t)] = t.clone()
+    return memo
+
+
 def shallow_copy_module(module: nn.Module) -> nn.Module:
     """``copy.copy(module)`` with its own ``_parameters``, ``_buffers`` and ``_modules`` dicts
     (entries shared), so that assigning a tensor or submodule on the copy leaves ``module`` alone."""

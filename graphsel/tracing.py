@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch.fx._symbolic_trace import PHBase
 from torch.fx.proxy import ParameterProxy
 
-from .copying import deepcopy_module
+from .copying import clone_memo, deepcopy_module
 from .errors import ExampleInputError, TraceError
 from .graph_utils import module_index
 from .meta import GraphselMeta, LeafRecord, META_KEY, graphsel_meta
@@ -317,7 +317,10 @@ def _trace_with_auto_leafing(model: nn.Module, leaf_types: list, leaf_paths: lis
     """Trace a deep copy of ``model`` (every module's flag set to ``training``), making the innermost
     failing submodule a leaf and retrying; appends to ``leafed``. Returns (copy, graph); the
     caller gives the modules it keeps the flags of ``model`` back."""
-    shared = {id(p): p for p in model.parameters()} if share_parameters else {}
+    # buffers: cloned up front where that is what deepcopy would do (cheaper than deepcopy)
+    shared = clone_memo(list(model.parameters()) + list(model.buffers()), model.buffers())
+    if share_parameters:
+        shared.update({id(p): p for p in model.parameters()})
     while True:
         work = deepcopy_module(model, dict(shared))
         work.train(training)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings
 
-from graphsel.copying import deepcopy_module
+from graphsel.copying import clone_memo, deepcopy_module
 from strategies import architectures, assert_same_function
 
 
@@ -122,3 +122,36 @@ def test_delete_unused_modules_follows_torch_fx(arch):
     theirs.delete_all_unused_submodules()
     delete_unused_modules(gm)
     assert list(module_index(gm)) == list(module_index(theirs))
+
+
+class _Buffers(nn.Module):
+    """Buffers clone_memo may clone (own storage) and must leave to the copier (views sharing a
+    storage, a tensor with Python attributes, one buffer registered twice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        base = torch.arange(6.0)
+        self.register_buffer("whole", base)
+        self.register_buffer("view", base[2:4])          # shares whole's storage
+        tagged = torch.ones(3)
+        tagged.note = "kept"
+        self.register_buffer("tagged", tagged)
+        self.inner = nn.Module()
+        self.inner.register_buffer("same", self.bn.running_mean)   # one tensor, two names
+
+
+def test_clone_memo_gives_what_copy_deepcopy_gives():
+    model = _Buffers()
+    tensors = list(model.parameters()) + list(model.buffers())
+    memo = clone_memo(tensors, model.buffers())
+    assert id(model.bn.running_var) in memo and id(model.bn.num_batches_tracked) in memo
+    assert not {id(model.whole), id(model.view), id(model.tagged)} & set(memo)
+    ours, theirs = deepcopy_module(model, memo), copy.deepcopy(model)
+    assert _structure(ours) == _structure(theirs)
+    assert not _tensor_ptrs(ours) & _tensor_ptrs(model)
+    for name, t in theirs.named_buffers(remove_duplicate=False):
+        assert torch.equal(ours.get_buffer(name), t)
+    assert ours.inner.same is ours.bn.running_mean                            # aliasing kept
+    assert ours.view.untyped_storage().data_ptr() == ours.whole.untyped_storage().data_ptr()
+    assert ours.tagged.note == "kept"
