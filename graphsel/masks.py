@@ -148,6 +148,7 @@ def _resolve(gm: fx.GraphModule, masks: ChannelMasks, analysis: ChannelAnalysis 
     for node_name, path in a.source_module.items():
         by_module.setdefault(path, []).append(node_name)
     removed: set[int] = set()
+    frozen = a.class_lookup(np.fromiter(a.class_frozen, dtype=np.int64, count=len(a.class_frozen)))
     for src, positions in masks.removed.items():
         if not positions:
             continue
@@ -160,11 +161,13 @@ def _resolve(gm: fx.GraphModule, masks: ChannelMasks, analysis: ChannelAnalysis 
         if bad:
             raise MaskError(f"group mask on '{src}' removes channels {sorted(bad)[:5]}, but it has {count} "
                             f"output channels (valid: 0..{count - 1})")
-        cls = a.labels[start + np.fromiter(sorted(positions), dtype=np.int64)]
-        for p, c in zip(sorted(positions), cls.tolist()):
-            if c in a.class_frozen:
-                raise MaskError(f"cannot remove output channel {p} of '{src}': its channel group is frozen "
-                                f"({'; '.join(a.class_frozen[c])}). Exclude it from pruning.")
+        ordered = np.fromiter(sorted(positions), dtype=np.int64, count=len(positions))
+        cls = a.labels[start + ordered]
+        hit = np.flatnonzero(frozen[cls])
+        if len(hit):
+            p, c = int(ordered[hit[0]]), int(cls[hit[0]])
+            raise MaskError(f"cannot remove output channel {p} of '{src}': its channel group is frozen "
+                            f"({'; '.join(a.class_frozen[c])}). Exclude it from pruning.")
         removed.update(cls.tolist())
     consumer_keep: dict[str, np.ndarray] = {}
     readers_by_module: dict[str, list] = {}
