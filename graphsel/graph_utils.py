@@ -7,13 +7,39 @@ import torch.nn as nn
 
 #: ``gm.meta`` key: the graph fingerprint the module's code was last generated for (see :func:`recompile`)
 COMPILED_KEY = "graphsel_compiled_fingerprint"
+#: ``gm.meta`` key: the :func:`code_key` of the graph the module's code was last generated from
+CODE_KEY = "graphsel_code_key"
+
+
+def code_key(gm: fx.GraphModule) -> int:
+    """A hash of everything torch.fx generates ``forward`` from: the nodes in order with their
+    names, ops, targets, arguments and type annotations, and the graph's code generator. Unlike
+    :func:`graphsel.context.graph_fingerprint` it ignores the modules' shapes (slicing a module
+    leaves the code as it is)."""
+    g = gm.graph
+    return hash((type(g._codegen).__qualname__,
+                 tuple((n.name, n.op, str(n.target), repr(n.args), repr(n.kwargs), repr(n.type)) for n in g.nodes)))
+
+
+def mark_compiled(gm: fx.GraphModule) -> None:
+    """Record that ``gm``'s code was just generated from its graph (``gm.recompile()`` or the
+    GraphModule constructor ran): the graph's :func:`code_key` and the code itself, whose identity
+    tells whether anyone generated code since (a pass calling ``gm.recompile()`` on an
+    intermediate graph, say)."""
+    gm.meta[CODE_KEY] = (code_key(gm), gm._code)
 
 
 def recompile(gm: fx.GraphModule, fingerprint: int | None = None) -> None:
-    """``gm.recompile()``, recording the graph's fingerprint (``fingerprint``: the caller's, when it
-    has it): the pipeline skips recompiling a graph whose code is already current."""
+    """``gm.recompile()`` unless the code it would generate is the code ``gm`` has: its graph's
+    :func:`code_key` is the one recorded by :func:`mark_compiled` and nothing generated code since
+    (materialize, say, slices modules without touching the graph). Records the graph's fingerprint
+    (``fingerprint``: the caller's, when it has it), so the pipeline skips this call for a graph
+    already current."""
     from .context import graph_fingerprint
-    gm.recompile()
+    recorded = gm.meta.get(CODE_KEY)
+    if not (recorded is not None and recorded[1] is getattr(gm, "_code", None) and recorded[0] == code_key(gm)):
+        gm.recompile()
+        mark_compiled(gm)
     gm.meta[COMPILED_KEY] = graph_fingerprint(gm) if fingerprint is None else fingerprint
 
 

@@ -33,7 +33,7 @@ from torch.fx.proxy import ParameterProxy
 
 from .copying import clone_memo, deepcopy_module
 from .errors import ExampleInputError, TraceError
-from .graph_utils import module_index
+from .graph_utils import mark_compiled, module_index
 from .meta import GraphselMeta, LeafRecord, META_KEY, graphsel_meta
 from .shapes import propagate_shapes
 
@@ -291,6 +291,7 @@ def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequenc
             train_differs = True
     _concrete_values_as_defaults(graph, concrete_args)
     gm = fx.GraphModule(work, graph, class_name=type(model).__name__)
+    mark_compiled(gm)
     _copy_training_flags(model, gm)
     meta = GraphselMeta(model_class=f"{type(model).__module__}.{type(model).__qualname__}", leafed=leafed,
                         trained_mode=model.training)

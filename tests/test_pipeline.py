@@ -567,3 +567,44 @@ def test_verify_false_catches_a_graph_edit_a_pass_reports_as_unmodified():
     reference = graphsel.trace(model, X)
     with torch.no_grad():
         assert not torch.allclose(out(*X), reference(*X))
+
+
+# --------------------------------------------------------------------------------------------
+# graph_utils.recompile: code is regenerated exactly when the graph's code would change
+# --------------------------------------------------------------------------------------------
+def test_recompile_keeps_the_code_when_only_modules_change():
+    from graphsel.graph_utils import recompile
+    model = make_net()
+    gm = graphsel.trace(model, X)
+    code = gm._code
+    gm.conv1 = nn.Conv2d(3, 8, 3, padding=1)            # a new module, same graph
+    recompile(gm)
+    assert gm._code is code                             # nothing regenerated
+    model.conv1 = gm.conv1
+    with torch.no_grad():
+        assert torch.equal(gm(*X), model.eval()(*X))    # and the new module runs
+    relu = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.relu)
+    relu.target = torch.sigmoid                         # a graph edit
+    recompile(gm)
+    assert gm._code is not code and "sigmoid" in gm.code
+
+
+def test_recompile_regenerates_after_someone_else_compiled_an_intermediate_graph():
+    """A pass that adds nodes, calls gm.recompile() to run them and removes them again leaves a
+    graph equal to the recorded one but code of the intermediate graph: recompile must notice."""
+    from graphsel.graph_utils import recompile
+    gm = graphsel.trace(make_net(), X)
+    with torch.no_grad():
+        want = gm(*X)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    src = out.args[0]
+    with gm.graph.inserting_before(out):
+        doubled = gm.graph.call_function(torch.mul, (src, 2.0))
+    out.args = (doubled,)
+    gm.recompile()                                      # the intermediate graph's code
+    out.args = (src,)
+    gm.graph.erase_node(doubled)                        # graph back to the recorded one
+    recompile(gm)
+    assert "torch.mul" not in gm.code
+    with torch.no_grad():
+        assert torch.equal(gm(*X), want)
