@@ -496,16 +496,23 @@ def test_verify_false_still_reports_an_undeclared_in_place_edit():
         graphsel.transform(make_net(), [InPlaceWithoutSaying()], X, verify=False)
 
 
+def _route_conv1_through(gm, make_node):
+    """Insert ``make_node(graph, conv1_node)`` after conv1 and give it conv1's other users;
+    returns (conv1's node, the new node)."""
+    conv = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "conv1")
+    with gm.graph.inserting_after(conv):
+        new = make_node(gm.graph, conv)
+    conv.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+    return conv, new
+
+
 class ClaimsShapes(Pass):
     """An exact rewrite (a clone after conv1) that records a wrong shape and says shapes_current."""
     name = "claims_shapes"
     contract = Contract.EXACT
 
     def run(self, gm, ctx):
-        conv = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "conv1")
-        with gm.graph.inserting_after(conv):
-            c = gm.graph.call_method("clone", (conv,))
-        conv.replace_all_uses_with(c, delete_user_cb=lambda u: u is not c)
+        conv, c = _route_conv1_through(gm, lambda g, conv: g.call_method("clone", (conv,)))
         tm = conv.meta["tensor_meta"]
         c.meta["tensor_meta"] = tm._replace(shape=torch.Size([tm.shape[0], tm.shape[1] + 1, *tm.shape[2:]]))
         return PassResult(gm, modified=True, shapes_current=True)
@@ -549,10 +556,7 @@ class EditsButSaysUnmodified(Pass):
     contract = Contract.APPROXIMATE
 
     def run(self, gm, ctx):
-        conv = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "conv1")
-        with gm.graph.inserting_after(conv):
-            doubled = gm.graph.call_function(torch.mul, (conv, 2.0))
-        conv.replace_all_uses_with(doubled, delete_user_cb=lambda u: u is not doubled)
+        _route_conv1_through(gm, lambda g, conv: g.call_function(torch.mul, (conv, 2.0)))
         return PassResult(gm, modified=False)
 
 
