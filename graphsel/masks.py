@@ -110,13 +110,20 @@ class ResolvedMasks:
     analysis: ChannelAnalysis
     removed_classes: set[int]
     consumer_keep: dict[str, np.ndarray]       # reader node name -> bool keep per input position
+    # derived once, on first use: the removed classes as a class_lookup table, and the oracle's
+    # per-node plan (:class:`OracleInterpreter`) with the graph it was made for
+    _removed_table: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _oracle_plan: tuple | None = field(default=None, repr=False, compare=False)
 
     def keep_of(self, v: TensorVal) -> np.ndarray:
         """Bool keep per position of a tensor value (True where its class survives)."""
         cls = self.analysis.class_of(v.ids)
         if not self.removed_classes:
             return np.ones(len(cls), dtype=bool)
-        return ~self.analysis.class_lookup(self.removed_classes)[cls]
+        if self._removed_table is None:
+            self._removed_table = self.analysis.class_lookup(
+                np.fromiter(self.removed_classes, dtype=np.int64, count=len(self.removed_classes)))
+        return ~self._removed_table[cls]
 
 
 def _closest(name: str, names: Iterable[str]) -> str:
@@ -279,29 +286,40 @@ class OracleInterpreter(fx.Interpreter):
         super().__init__(gm)
         self.capture = capture
         self.captured: dict[str, torch.Tensor] = {}
+        plan = resolved._oracle_plan
+        if plan is None or plan[0] is not gm.graph:        # made once per graph and masks
+            plan = resolved._oracle_plan = (gm.graph, *self._plan(gm, resolved))
+        _, self.zero, self.reduce, self.consumer = plan
+
+    @staticmethod
+    def _plan(gm: fx.GraphModule, resolved: ResolvedMasks) -> tuple[dict, dict, dict]:
+        """Which node outputs are zeroed, which channel-reducing nodes run on the kept channels,
+        which consumers read masked inputs (node name -> dim, keep flags or positions)."""
         a = resolved.analysis
-        self.zero: dict[str, tuple[int, torch.Tensor]] = {}
-        self.reduce: dict[str, tuple[int, torch.Tensor, bool]] = {}
-        self.consumer: dict[str, tuple[int, torch.Tensor]] = {}
+        zero: dict[str, tuple[int, torch.Tensor]] = {}
+        reduce: dict[str, tuple[int, torch.Tensor, bool]] = {}
+        consumer: dict[str, tuple[int, torch.Tensor]] = {}
         if resolved.removed_classes:
             for name, v in a.values.items():
                 for k, t in enumerate(v if isinstance(v, tuple) else (v,)):
                     if isinstance(t, TensorVal) and t.has_channels:
                         keep = resolved.keep_of(t)
                         if not keep.all():
-                            self.zero[name if not isinstance(v, tuple) else f"{name}#{k}"] = (t.dim, torch.from_numpy(keep))
+                            zero[name if not isinstance(v, tuple) else f"{name}#{k}"] = (t.dim, torch.from_numpy(keep))
+            nodes = {n.name: n for n in gm.graph.nodes}
             for r in a.readers:
                 if r.kind == "reduce":
-                    node = next(n for n in gm.graph.nodes if n.name == r.node)
+                    node = nodes[r.node]
                     x = a.values[node.args[0].name] if node.args and isinstance(node.args[0], fx.Node) else None
                     if isinstance(x, TensorVal) and x.has_channels:
                         keep = resolved.keep_of(x)
                         if not keep.all():
-                            self.reduce[r.node] = (x.dim, torch.from_numpy(np.flatnonzero(keep)), r.keeps_channels)
+                            reduce[r.node] = (x.dim, torch.from_numpy(np.flatnonzero(keep)), r.keeps_channels)
         for r in a.readers:
             if r.node in resolved.consumer_keep:
                 dim = 1 if r.kind == "conv_in" else -1
-                self.consumer[r.node] = (dim, torch.from_numpy(resolved.consumer_keep[r.node]))
+                consumer[r.node] = (dim, torch.from_numpy(resolved.consumer_keep[r.node]))
+        return zero, reduce, consumer
 
     @staticmethod
     def _mask(t: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Tensor:
