@@ -483,8 +483,7 @@ class Materialize(Pass):
         masks, fold_stats = fold_once(gm, a, fingerprint=fingerprint)
         mat = _Materializer(gm, diags)
         if masks.consumer:
-            mat.discharge_consumer_masks(a, masks)
-            gm.recompile()
+            mat.discharge_consumer_masks(a, masks)     # (the code is generated once, at the end)
             if mat.stats["gathers"]:
                 inputs = ctx.example_inputs if ctx.example_inputs is not None else example_inputs_of(gm)
                 propagate_shapes(gm, inputs)         # the gathers changed shapes downstream of them
