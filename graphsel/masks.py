@@ -287,8 +287,10 @@ class OracleInterpreter(fx.Interpreter):
         self.capture = capture
         self.captured: dict[str, torch.Tensor] = {}
         plan = resolved._oracle_plan
-        if plan is None or plan[0] is not gm.graph:        # made once per graph and masks
-            plan = resolved._oracle_plan = (gm.graph, *self._plan(gm, resolved))
+        if plan is None or plan[0]() is not gm.graph:      # made once per graph and masks
+            # (a weak reference: resolved masks live in a cache weakly keyed by the module, so
+            # they must not keep its graph alive)
+            plan = resolved._oracle_plan = (weakref.ref(gm.graph), *self._plan(gm, resolved))
         _, self.zero, self.reduce, self.consumer = plan
 
     @staticmethod

@@ -333,3 +333,20 @@ def test_the_oracle_follows_masks_added_after_it_ran():
         want = oracle_forward(fresh, x)
     assert not torch.equal(plain, first) and not torch.equal(first, second)
     torch.testing.assert_close(second, want, rtol=0, atol=0)
+
+
+def test_masks_and_the_oracle_do_not_keep_the_graph_module_alive():
+    """Resolved masks are cached weakly by module; nothing they hold (the oracle's plan
+    included) may reach the module, or every masked model would leak."""
+    import gc
+    import weakref
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()
+    x = (torch.randn(1, 3, 8, 8),)
+    gm = graphsel.trace(model, x)
+    add_group_mask(gm, "0", [0, 1])
+    with torch.no_grad():
+        oracle_forward(gm, x)
+    alive = weakref.ref(gm)
+    del gm
+    gc.collect()
+    assert alive() is None
