@@ -36,7 +36,7 @@ import operator
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -301,6 +301,17 @@ class ChannelAnalysis:
                             f"{_fn_name(node)} reshapes channels in a way that does not survive removal (node {node.name})")
                 return
 
+    def channel_tensors(self) -> Iterator[tuple[str, int | None, TensorVal]]:
+        """(node name, position in its tuple result or None, value) for every tensor value with
+        channels."""
+        for name, v in self.values.items():
+            if isinstance(v, tuple):
+                for k, t in enumerate(v):
+                    if isinstance(t, TensorVal) and t.has_channels:
+                        yield name, k, t
+            elif isinstance(v, TensorVal) and v.has_channels:
+                yield name, None, v
+
     def class_lookup(self, classes: Iterable[int] | np.ndarray) -> np.ndarray:
         """A bool table over class labels with one extra False entry at the end, so that
         ``table[class_of(ids)]`` tells which positions belong to ``classes`` (label -1 → False):
@@ -429,6 +440,17 @@ class ChannelAnalysis:
             if not g.prunable and g.frozen_reasons:
                 counts[g.frozen_reasons[0]] += 1
         return [f"{n} group(s): {r}" for r, n in sorted(counts.items(), key=lambda kv: -kv[1])[:limit]]
+
+
+def segment_sums(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Sums of the consecutive runs of ``values`` whose lengths are ``lengths`` (0 for an empty
+    run): per-tensor counts over the concatenated positions of many tensors, in one call."""
+    out = np.zeros(len(lengths), dtype=np.int64)
+    if len(values):
+        starts = np.cumsum(lengths) - lengths
+        nonempty = lengths > 0
+        out[nonempty] = np.add.reduceat(np.asarray(values, dtype=np.int64), starts[nonempty])
+    return out
 
 
 def _unique_ints(x: np.ndarray) -> np.ndarray:

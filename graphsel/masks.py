@@ -32,7 +32,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .channels import ChannelAnalysis, TensorVal, analyze_channels
+from .channels import ChannelAnalysis, TensorVal, analyze_channels, segment_sums
 from .context import graph_fingerprint
 from .errors import MaskError
 from .meta import graphsel_meta
@@ -210,20 +210,15 @@ def vanishing_tensors(a: ChannelAnalysis, removed: set[int]) -> list[tuple[str, 
     if not removed:
         return []
     gone = a.class_lookup(removed)
-    names, id_arrays = [], []
-    for name, v in a.values.items():
-        for t in (v if isinstance(v, tuple) else (v,)):
-            if isinstance(t, TensorVal) and t.has_channels and len(t.ids):
-                names.append(name)
-                id_arrays.append(t.ids)
-    if not names:
+    found = [(name, t.ids) for name, _, t in a.channel_tensors() if len(t.ids)]
+    if not found:
         return []
     # every tensor's classes in one lookup; a tensor vanishes when none of its positions is kept
-    lengths = np.fromiter((len(ids) for ids in id_arrays), dtype=np.int64, count=len(id_arrays))
+    lengths = np.fromiter((len(ids) for _, ids in found), dtype=np.int64, count=len(found))
     starts = np.cumsum(lengths) - lengths
-    cls = a.class_of(np.concatenate(id_arrays))
-    kept = np.add.reduceat((~gone[cls]).astype(np.int64), starts)   # label -1 (no channel) counts as kept
-    return [(names[i], cls[starts[i]:starts[i] + lengths[i]]) for i in np.flatnonzero(kept == 0)]
+    cls = a.class_of(np.concatenate([ids for _, ids in found]))
+    kept = segment_sums(~gone[cls], lengths)                 # label -1 (no channel) counts as kept
+    return [(found[i][0], cls[starts[i]:starts[i] + lengths[i]]) for i in np.flatnonzero(kept == 0)]
 
 
 def _check_sources_survive(a: ChannelAnalysis, removed: set[int]) -> None:
@@ -302,12 +297,10 @@ class OracleInterpreter(fx.Interpreter):
         reduce: dict[str, tuple[int, torch.Tensor, bool]] = {}
         consumer: dict[str, tuple[int, torch.Tensor]] = {}
         if resolved.removed_classes:
-            for name, v in a.values.items():
-                for k, t in enumerate(v if isinstance(v, tuple) else (v,)):
-                    if isinstance(t, TensorVal) and t.has_channels:
-                        keep = resolved.keep_of(t)
-                        if not keep.all():
-                            zero[name if not isinstance(v, tuple) else f"{name}#{k}"] = (t.dim, torch.from_numpy(keep))
+            for name, k, t in a.channel_tensors():
+                keep = resolved.keep_of(t)
+                if not keep.all():
+                    zero[name if k is None else f"{name}#{k}"] = (t.dim, torch.from_numpy(keep))
             nodes = {n.name: n for n in gm.graph.nodes}
             for r in a.readers:
                 if r.kind == "reduce":

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from graphsel import Contract, Diagnostic, Pass, PassResult, register_pass
-from graphsel.channels import (ChannelAnalysis, TensorVal, analyze_channels, indexed_dims, _ACT_MODULES,
-                               _UNARY_FUNCS, _UNARY_METHODS)
+from graphsel.channels import (ChannelAnalysis, TensorVal, analyze_channels, indexed_dims, segment_sums,
+                               _ACT_MODULES, _UNARY_FUNCS, _UNARY_METHODS)
 from graphsel.context import graph_fingerprint
 from graphsel.graph_utils import (add_module, attribute_of, call_count, delete_unused_modules, module_index, recompile,
                                   replace_module)
@@ -178,11 +178,7 @@ class _Materializer:
         keep_all = _keep_mask(a, np.concatenate([slot.ids[0] for _, slot in slots]), removed)
         ends = np.cumsum(lengths)
         starts = ends - lengths
-        if not len(keep_all):
-            return
-        lost = np.add.reduceat((~keep_all).astype(np.int64), np.minimum(starts, len(keep_all) - 1))
-        lost[lengths == 0] = 0                   # reduceat reads one element for an empty segment
-        for i in np.flatnonzero(lost):
+        for i in np.flatnonzero(segment_sums(~keep_all, lengths)):
             key, slot = slots[i]
             idx = torch.from_numpy(np.flatnonzero(keep_all[starts[i]:ends[i]]))
             if key[0] == "module":
@@ -268,14 +264,11 @@ class _Materializer:
         one lookup the first time (materialize asks for most of them), then read back."""
         key = (id(a), id(removed))
         if self._kept_key != key:
-            arrays = {id(t.ids): t.ids for v in a.values.values() for t in (v if isinstance(v, tuple) else (v,))
-                      if isinstance(t, TensorVal) and t.has_channels and len(t.ids)}
+            arrays = {id(t.ids): t.ids for _, _, t in a.channel_tensors() if len(t.ids)}
             self._kept_key, self._kept_memo = key, {}
             if arrays:
                 lengths = np.fromiter((len(x) for x in arrays.values()), dtype=np.int64, count=len(arrays))
-                starts = np.cumsum(lengths) - lengths
-                counts = np.add.reduceat(_keep_mask(a, np.concatenate(list(arrays.values())), removed).astype(np.int64),
-                                         starts)
+                counts = segment_sums(_keep_mask(a, np.concatenate(list(arrays.values())), removed), lengths)
                 self._kept_memo = dict(zip(arrays, counts.tolist()))
         hit = self._kept_memo.get(id(ids))
         return int(_keep_mask(a, ids, removed).sum()) if hit is None else hit

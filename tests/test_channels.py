@@ -304,3 +304,11 @@ def test_segment_keys_equal_exactly_when_runs_equal(runs, collide):
     seg_start = np.concatenate([[0], np.cumsum(seg_len)[:-1]]).astype(np.int64)
     weights = np.ones(7, dtype=np.uint64) if collide else None
     assert _segment_keys(values, seg_start, seg_len, weights).tolist() == _reference_keys(runs)
+
+
+def test_segment_sums_counts_runs_including_empty_ones():
+    import numpy as np
+    from graphsel.channels import segment_sums
+    values = np.array([True, False, True, True, False])
+    assert segment_sums(values, np.array([0, 2, 0, 3, 0])).tolist() == [0, 1, 0, 2, 0]
+    assert segment_sums(np.array([], dtype=bool), np.array([0, 0])).tolist() == [0, 0]
