@@ -36,6 +36,8 @@ Smaller strategies: :func:`cnn_architectures` (no channels-last/LayerNorm blocks
 """
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -883,7 +885,12 @@ def _relu(draw) -> str:
     return draw(st.sampled_from(RELU_SPELLINGS))
 
 
+#: while an architecture is drawn: every drawn width is a multiple of this (``width_multiple=``)
+_WIDTH_MULTIPLE = [1]
+
+
 def _width(draw, multiple_of: int = 1, lo: int = 2, hi: int = MAX_CHANNELS) -> int:
+    multiple_of = math.lcm(multiple_of, _WIDTH_MULTIPLE[0])
     m = draw(st.integers(max(1, -(-lo // multiple_of)), max(1, hi // multiple_of)))
     return m * multiple_of
 
@@ -1093,12 +1100,15 @@ def _draw_head(draw, s: _State) -> HeadSpec | None:
 
 
 def architectures(kinds: Sequence[str] = BLOCK_KINDS, *, min_blocks: int = 1, max_blocks: int = 5,
-                  head: bool | None = None, required: Sequence[str] = ()) -> st.SearchStrategy[Architecture]:
+                  head: bool | None = None, required: Sequence[str] = (),
+                  width_multiple: int = 1) -> st.SearchStrategy[Architecture]:
     """Random valid architectures built from block ``kinds`` (see :data:`BLOCK_KINDS`).
 
     A stem (post-activation conv unit) comes first, then ``min_blocks``–``max_blocks`` blocks,
     then a head (``head=True``: always, ``False``: never, ``None``: usually). ``required`` block
-    kinds are placed at drawn positions, so every drawn model contains them.
+    kinds are placed at drawn positions, so every drawn model contains them. ``width_multiple``:
+    every width the strategy chooses is a multiple of it (widths that follow from others, such as
+    a dense block's concatenation, need not be).
     """
     unknown = (set(kinds) | set(required)) - set(BLOCK_KINDS)
     if unknown:
@@ -1106,11 +1116,21 @@ def architectures(kinds: Sequence[str] = BLOCK_KINDS, *, min_blocks: int = 1, ma
     if not kinds or min_blocks < 0 or max_blocks < min_blocks:
         raise ValueError(f"need at least one kind and 0 <= min_blocks <= max_blocks, got {kinds}, "
                          f"{min_blocks}, {max_blocks}")
-    return _architectures(tuple(kinds), min_blocks, max_blocks, head, tuple(required))
+    if not isinstance(width_multiple, int) or not 1 <= width_multiple <= MAX_CHANNELS // 2:
+        raise ValueError(f"width_multiple must be an int in [1, {MAX_CHANNELS // 2}], got {width_multiple!r}")
+    return _architectures(tuple(kinds), min_blocks, max_blocks, head, tuple(required), width_multiple)
 
 
 @st.composite
-def _architectures(draw, kinds, min_blocks, max_blocks, head, required) -> Architecture:
+def _architectures(draw, kinds, min_blocks, max_blocks, head, required, width_multiple=1) -> Architecture:
+    previous, _WIDTH_MULTIPLE[0] = _WIDTH_MULTIPLE[0], width_multiple
+    try:
+        return _draw_architecture(draw, kinds, min_blocks, max_blocks, head, required)
+    finally:
+        _WIDTH_MULTIPLE[0] = previous
+
+
+def _draw_architecture(draw, kinds, min_blocks, max_blocks, head, required) -> Architecture:
     in_channels = draw(st.integers(1, 4))
     h, w = draw(st.integers(6, 16)), draw(st.integers(6, 16))
     s = _State(in_channels, h, w)
@@ -1180,25 +1200,78 @@ def assert_same_function(a: nn.Module, b: nn.Module, inputs: tuple, rtol: float 
     assert diff <= atol + rtol * scale, f"outputs differ: max abs error {diff:.3g} (output scale {scale:.3g})"
 
 
+_REGISTRIES = ("_parameters", "_buffers", "_modules")
+
+
+def _value(obj, seen: dict[int, object]):
+    """A comparable copy of a plain attribute's value: tensors cloned (with dtype and device),
+    containers copied element by element, modules and functions kept by identity (they are
+    compared through their own snapshot, or as objects), everything else deep-copied or, when
+    that fails, kept by identity."""
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", obj.detach().clone(), obj.dtype, obj.device, obj.requires_grad)
+    if isinstance(obj, nn.Module) or callable(obj) and not isinstance(obj, type):
+        return ("object", id(obj))
+    if id(obj) in seen:
+        return ("cycle", id(obj))
+    seen[id(obj)] = obj
+    if isinstance(obj, dict):
+        return ("dict", type(obj), {k: _value(v, seen) for k, v in obj.items()})
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
+        return (type(obj).__name__, [_value(v, seen) for v in items])
+    try:
+        return ("value", copy.deepcopy(obj))
+    except Exception:  # noqa: BLE001 - not copyable: compare the object itself
+        return ("object", id(obj))
+
+
+def _same(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, tuple) and a and a[0] == "tensor":
+        return (b[0] == "tensor" and a[2:] == b[2:] and a[1].shape == b[1].shape
+                and torch.equal(a[1].nan_to_num(), b[1].nan_to_num())
+                and torch.equal(a[1].isnan(), b[1].isnan()))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - incomparable values: the same object only
+        return a is b
+
+
 def model_snapshot(model: nn.Module) -> dict:
-    """Everything graphsel must not change in a user's model: tensor values and identities,
-    training flags, hooks, submodule identities and instance attributes."""
+    """Everything graphsel must not change in a user's model, by value: every parameter and
+    buffer bit for bit (with its identity, dtype, device and requires_grad), every other instance
+    attribute of every module (``stride``, ``padding``, dropout ``p``, cached tensors, ...),
+    training flags, hooks and submodule identities."""
     return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "ids": {k: id(v) for k, v in model.state_dict(keep_vars=True).items()},
+        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "tensors": {f"{n}.{k}": (id(t), t.dtype, t.device, t.requires_grad, type(t))
+                    for n, m in model.named_modules() for reg in (m._parameters, m._buffers)
+                    for k, t in reg.items() if t is not None},
         "training": {n: m.training for n, m in model.named_modules()},
         "hooks": {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
                   for n, m in model.named_modules()},
         "modules": {n: id(m) for n, m in model.named_modules()},
-        "dicts": {n: sorted(vars(m)) for n, m in model.named_modules()},
+        "attributes": {n: {k: _value(v, {}) for k, v in vars(m).items() if k not in _REGISTRIES}
+                       for n, m in model.named_modules()},
     }
 
 
 def assert_model_unchanged(model: nn.Module, snapshot: dict) -> None:
-    """Assert ``model`` still matches :func:`model_snapshot` taken earlier."""
+    """Assert ``model`` still matches :func:`model_snapshot` taken earlier, value by value."""
     now = model_snapshot(model)
-    for key in ("ids", "training", "hooks", "modules", "dicts"):
+    for key in ("tensors", "training", "hooks", "modules"):
         assert now[key] == snapshot[key], f"the model's {key} changed"
+    assert now["attributes"].keys() == snapshot["attributes"].keys()
+    for name, attrs in snapshot["attributes"].items():
+        assert now["attributes"][name].keys() == attrs.keys(), f"the attributes of module '{name}' changed"
+        for k, v in attrs.items():
+            assert _same(now["attributes"][name][k], v), f"attribute '{k}' of module '{name}' changed"
     assert now["state"].keys() == snapshot["state"].keys()
     for k, v in snapshot["state"].items():
         assert torch.equal(now["state"][k], v), f"the model's {k} changed"

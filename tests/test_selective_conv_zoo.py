@@ -8,13 +8,16 @@ model are written by ``benchmarks/sconv_zoo.py``.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import graphsel
 from graphsel.cost import meta_model
 from graphsel.passes.selective_conv import SelectiveConv2d, dealloc, realloc, selective_modules
-from strategies import randomize_norm_layers
+from graphsel.masks import get_masks
+from strategies import assert_same_function, randomize_norm_layers
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -55,8 +58,17 @@ def test_zoo_insertion_exact_and_dealloc_lowering_round_trip(name):
     x = torch.randn(1, 3, s, s)
     gm = graphsel.transform(model, ["insert_selective_conv"], x, n_random_inputs=1)  # verified: exact
     assert len(selective_modules(gm)) == n
+    assert_same_function(model, gm, x)                                          # and checked here
     closed = dealloc(gm, gamma=0.05)
     assert any(r.closed for r in closed.values())
     realloc(gm, generator=torch.Generator().manual_seed(0))
     low = graphsel.transform(gm, ["lower_selective_conv"], n_random_inputs=0)  # verified: exact
     assert not any(isinstance(m, SelectiveConv2d) for m in low.modules())
+    # independently: the lowered graph (masks applied by zeroing the masked columns, which the
+    # consumer masks mean) computes what the selective model computes
+    masked = copy.deepcopy(low)
+    with torch.no_grad():
+        for path, positions in get_masks(low).consumer.items():
+            masked.get_submodule(path).weight[:, sorted(positions)] = 0
+    graphsel.graphsel_meta(masked).masks = None
+    assert_same_function(gm, masked, x)

@@ -14,7 +14,8 @@ from hypothesis import Phase, find, given, settings
 from hypothesis import strategies as st
 
 import graphsel
-from strategies import (ALL_CONSTRUCTS, BLOCK_KINDS, Architecture, architectures, assert_same_function,
+from strategies import (ALL_CONSTRUCTS, BLOCK_KINDS, Architecture, architectures, assert_model_unchanged,
+                        assert_same_function, model_snapshot,
                         cnn_architectures, conv_nets_with_bn_relu_conv)
 
 
@@ -179,3 +180,35 @@ def test_repr_lists_every_block():
 def test_unknown_block_kind_is_rejected():
     with pytest.raises(ValueError, match="unknown block kinds"):
         architectures(kinds=("conv", "transformer"))
+
+
+@pytest.mark.parametrize("change", ["stride", "padding", "dropout_p", "bn_eps", "new_attribute", "cached_tensor",
+                                    "parameter_value", "requires_grad", "buffer_dtype"])
+def test_model_snapshot_compares_values_not_names(change):
+    """The "user's model is untouched" checks see a changed setting, not only a renamed one."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5))
+    model.cache = torch.zeros(2)
+    snap = model_snapshot(model)
+    assert_model_unchanged(model, snap)
+    with torch.no_grad():
+        {"stride": lambda: setattr(model[0], "stride", (2, 2)),
+         "padding": lambda: setattr(model[0], "padding", (1, 1)),
+         "dropout_p": lambda: setattr(model[2], "p", 0.1),
+         "bn_eps": lambda: setattr(model[1], "eps", 1e-3),
+         "new_attribute": lambda: setattr(model[0], "extra", 1),
+         "cached_tensor": lambda: model.cache.add_(1),
+         "parameter_value": lambda: model[0].weight.view(-1)[0].add_(1e-6),
+         "requires_grad": lambda: model[0].bias.requires_grad_(False),
+         "buffer_dtype": lambda: setattr(model[1], "running_mean", model[1].running_mean.double())}[change]()
+    with pytest.raises(AssertionError):
+        assert_model_unchanged(model, snap)
+
+
+@settings(max_examples=15)
+@given(architectures(width_multiple=4, kinds=("conv", "preact")))
+def test_width_multiple_draws_multiples(arch):
+    """Every width the strategy chooses is a multiple of width_multiple: in chains of standard
+    conv units, every output width (depthwise units keep their input's, a multiple too)."""
+    model = arch.build()
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert widths and all(c % 4 == 0 for c in widths)
