@@ -1,6 +1,6 @@
 """Dynamic group convolution trained for real: Fashion-MNIST, dense vs DGC (head-wise and global threshold).
 
-Three runs of the same CIFAR-style ResNet (``graphsel.models.resnet_cifar``, 1 input channel,
+Three runs of the same CIFAR-style ResNet (``graphsel.tools.models.resnet_cifar``, 1 input channel,
 random initialisation, same seed, same data order), per seed:
 
 * ``dense``: the plain network;
@@ -44,8 +44,8 @@ from torch.utils.data import DataLoader
 
 import graphsel
 from benchmarks.common import RESULTS, environment, environment_line, result_stem, set_threads, table, write_results
-from graphsel.datasets import fashion_mnist
-from graphsel.models import resnet_cifar
+from graphsel.tools.datasets import fashion_mnist
+from graphsel.tools.models import resnet_cifar
 from graphsel.passes import dynamic_group_conv as dgc
 
 KINDS = ("dense", "head-wise", "global")

@@ -59,7 +59,7 @@ def frozen_summary(model: torch.nn.Module, example: tuple) -> dict[str, Any]:
     """Prunable fraction of conv/linear output channels, leaving out channels frozen only because
     they are the model output (the classifier), and the most frequent other frozen reasons."""
     import graphsel
-    from graphsel.channels import analyze_channels
+    from graphsel.analysis.channels import analyze_channels
 
     gm = graphsel.trace(model, example)
     a = analyze_channels(gm)

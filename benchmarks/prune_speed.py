@@ -65,7 +65,7 @@ def graphsel_run(model, example, args, verify: bool) -> dict[str, float]:
 
 def analysis_seconds(model, example) -> float:
     import graphsel
-    from graphsel.channels import analyze_channels
+    from graphsel.analysis.channels import analyze_channels
     gm = graphsel.trace(model, example)
     t0 = time.perf_counter()
     analyze_channels(gm)

@@ -1,6 +1,6 @@
 """Selective convolution trained for real: Fashion-MNIST, baseline DenseNet vs DenseNet-SConv.
 
-Two copies of the same DenseNet (``graphsel.models.densenet_cifar``, bottleneck units, 1 input
+Two copies of the same DenseNet (``graphsel.tools.models.densenet_cifar``, bottleneck units, 1 input
 channel, same random initialisation) are trained side by side on the same batches, one SGD step
 each per batch, so their step times are measured under the same machine load:
 
@@ -50,8 +50,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import graphsel
 from benchmarks.common import (RESULTS, environment, environment_line, human, measure, result_stem, set_threads,
                                table, write_results)
-from graphsel.datasets import fashion_mnist
-from graphsel.models import densenet_cifar
+from graphsel.tools.datasets import fashion_mnist
+from graphsel.tools.models import densenet_cifar
 from graphsel.passes import selective_conv as sc
 
 PAPER = {"model": "DenseNet-40 (bottleneck, k = 12)", "epochs": 300, "baseline_error": 5.03, "sconv_error": 4.73}

@@ -24,7 +24,7 @@ import torch
 
 import graphsel
 from benchmarks.common import classification_models, environment, environment_line, error_record, input_size, table, write_results
-from graphsel.cost import meta_model
+from graphsel.analysis.cost import meta_model
 from graphsel.passes import selective_conv as sc
 
 REASONS = (("grouped", "grouped conv"), ("also feeds", "BN/ReLU output feeds other nodes"),

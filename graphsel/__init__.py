@@ -3,18 +3,18 @@
 ``graphsel.transform(model, passes=[...])`` traces any model with torch.fx and runs composable,
 verified passes over it; ``graphsel.report(gm)`` shows what each pass did.
 """
-from .errors import ExampleInputError, FunctionChangedError, GraphselError, MaskError, PassError, TraceError
-from .meta import GraphselMeta, graphsel_meta
-from .passbase import Contract, Diagnostic, Pass, PassResult
-from .context import PassContext, register_analysis
-from .registry import available_passes, register_pass, resolve_pass, resolve_passes
-from .tracing import register_leaf_module, trace
-from .patterns import Optional, Pattern
-from .pipeline import transform
-from .report import report
-from .cost import cost
-from .export import ExportError, ExportResult, export
-from .zoo import ModelSpecError, load_model, save
+from graphsel.errors import ExampleInputError, FunctionChangedError, GraphselError, MaskError, PassError, TraceError
+from graphsel.ir.meta import GraphselMeta, graphsel_meta
+from graphsel.pipeline.passbase import Contract, Diagnostic, Pass, PassResult
+from graphsel.pipeline.context import PassContext, register_analysis
+from graphsel.pipeline.registry import available_passes, register_pass, resolve_pass, resolve_passes
+from graphsel.ir.tracing import register_leaf_module, trace
+from graphsel.analysis.patterns import Optional, Pattern
+from graphsel.pipeline.phases import transform
+from graphsel.pipeline.report import report
+from graphsel.analysis.cost import cost
+from graphsel.tools.export import ExportError, ExportResult, export
+from graphsel.tools.zoo import ModelSpecError, load_model, save
 
 __version__ = "0.1.0"
 

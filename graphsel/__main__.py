@@ -1,7 +1,7 @@
 """``python -m graphsel``: the graphsel command line (see :mod:`graphsel.cli`)."""
 import sys
 
-from graphsel.cli import main
+from graphsel.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,7 @@ Public API (``graphsel.passes.dynamic_group_conv``):
   :class:`SaliencyLibrary`, :func:`calibrate_global_threshold`, :func:`use_global_threshold`,
   :func:`saliency_lasso`, :func:`angle_enlargement` (and the tensor-level :func:`lasso_of`,
   :func:`angle_of`), :func:`pruning_rates`.
-* Cost: :func:`dgc_macs` (registered with ``graphsel.cost.register_module_cost``),
+* Cost: :func:`dgc_macs` (registered with ``graphsel.analysis.cost.register_module_cost``),
   :func:`dgc_layer_cost`, :func:`dgc_cost_rows`, :func:`dgc_cost_table`.
 
 Inference. In eval mode the module runs a *fast path*: it gathers the kept input channels of
@@ -90,11 +90,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphsel import Contract, Diagnostic, Pass, PassResult, Pattern, register_leaf_module, register_pass
-from graphsel.cost import register_module_cost
+from graphsel.analysis.cost import register_module_cost
 from graphsel.errors import PassError
-from graphsel.graph_utils import call_count, delete_unused_modules, replace_module
-from graphsel.meta import graphsel_meta
-from graphsel.patterns import BATCHNORM2D, CONV2D, RELU
+from graphsel.ir.graph import call_count, delete_unused_modules, replace_module
+from graphsel.ir.meta import graphsel_meta
+from graphsel.analysis.patterns import BATCHNORM2D, CONV2D, RELU
 
 __all__ = [
     "DynamicGroupConv2d", "SaliencyGenerator", "ApplyDynamicGroupConv", "squeeze_width", "schedule_k",
@@ -948,7 +948,7 @@ def calibrate_global_threshold(model: nn.Module, data: Any = None, *, library: S
     batches = _batches(data, max_batches)
     if not batches:
         raise ValueError("calibrate_global_threshold: the calibration data holds no batch; give at least one")
-    from graphsel.verify import eval_mode
+    from graphsel.pipeline.verify import eval_mode
     use_global_threshold(model, signed=signed, threshold=0.0)
     best: tuple[float, float, dict] | None = None
     with torch.no_grad(), eval_mode(model):
@@ -1088,7 +1088,7 @@ def dgc_layer_cost(module: DynamicGroupConv2d, input_shapes: list[tuple[int, ...
 
 
 def dgc_macs(module: DynamicGroupConv2d, input_shapes: list[tuple[int, ...]], output_shape: tuple[int, ...]) -> dict:
-    """The rule registered with :func:`graphsel.cost.register_module_cost`: ``macs``,
+    """The rule registered with :func:`graphsel.analysis.cost.register_module_cost`: ``macs``,
     ``dense_macs`` and ``other_flops`` of :func:`dgc_layer_cost` (the additive ones, so that
     ``CostReport.total("dense_macs")`` is the dense model's MACs)."""
     c = dgc_layer_cost(module, input_shapes, output_shape)
@@ -1105,7 +1105,7 @@ def dgc_cost_rows(gm: fx.GraphModule, example_inputs: tuple | None = None) -> li
     for DGC layers, ``kept_fraction``, ``saliency_macs``, ``gating_macs``). Uses the shapes in
     ``node.meta`` (propagated with ``example_inputs`` when given)."""
     if example_inputs is not None:
-        from graphsel.shapes import propagate_shapes
+        from graphsel.ir.shapes import propagate_shapes
         propagate_shapes(gm, tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
     rows = []
     for node in gm.graph.nodes:
@@ -1130,7 +1130,7 @@ def dgc_cost_rows(gm: fx.GraphModule, example_inputs: tuple | None = None) -> li
 def dgc_cost_table(gm: fx.GraphModule, example_inputs: tuple | None = None, fmt: str = "github") -> str:
     """A table of dense vs dynamic MACs per layer, with totals (see :func:`dgc_cost_rows`)."""
     from tabulate import tabulate
-    from graphsel.report import human
+    from graphsel.pipeline.report import human
     rows = dgc_cost_rows(gm, example_inputs)
     table = [[r["layer"], r["kind"], human(r["dense_macs"]), human(r["macs"]),
               f"{r['kept_fraction']:.3f}" if "kept_fraction" in r else "1",

@@ -21,9 +21,9 @@ import numpy as np
 import torch.fx as fx
 
 from graphsel import Contract, Diagnostic, Pass, PassResult, register_pass
-from graphsel.context import graph_fingerprint
-from graphsel.masks import ChannelMasks, dead_classes, removal_positions, resolve_masks, vanishing_tensors
-from graphsel.meta import graphsel_meta
+from graphsel.pipeline.context import graph_fingerprint
+from graphsel.analysis.masks import ChannelMasks, dead_classes, removal_positions, resolve_masks, vanishing_tensors
+from graphsel.ir.meta import graphsel_meta
 
 #: ``gm.meta`` key: (graph fingerprint, masks key, stats) of the masks FoldMasks left, so that
 #: Materialize does not fold the same masks of the same graph again

@@ -36,16 +36,16 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from graphsel import Contract, Diagnostic, Pass, PassResult, register_pass
-from graphsel.channels import (ChannelAnalysis, TensorVal, analyze_channels, indexed_dims, segment_sums,
+from graphsel.analysis.channels import (ChannelAnalysis, TensorVal, analyze_channels, indexed_dims, segment_sums,
                                _ACT_MODULES, _UNARY_FUNCS, _UNARY_METHODS)
-from graphsel.context import graph_fingerprint
-from graphsel.graph_utils import (add_module, attribute_of, call_count, delete_unused_modules, module_index, recompile,
+from graphsel.pipeline.context import graph_fingerprint
+from graphsel.ir.graph import (add_module, attribute_of, call_count, delete_unused_modules, module_index, recompile,
                                   replace_module)
-from graphsel.masks import ChannelMasks, clear_masks, resolve_masks
-from graphsel.meta import graphsel_meta
-from graphsel.shapes import propagate_shapes, resized_meta
-from graphsel.tracing import example_inputs_of
-from graphsel.slicing import slice_conv, slice_linear, slice_per_channel, slice_tensor
+from graphsel.analysis.masks import ChannelMasks, clear_masks, resolve_masks
+from graphsel.ir.meta import graphsel_meta
+from graphsel.ir.shapes import propagate_shapes, resized_meta
+from graphsel.ir.tracing import example_inputs_of
+from graphsel.ops.slicing import slice_conv, slice_linear, slice_per_channel, slice_tensor
 
 from .fold_masks import FOLDED_KEY, fold_once
 

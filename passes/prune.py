@@ -40,11 +40,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from graphsel import Contract, Diagnostic, Pass, PassResult, register_pass
-from graphsel.channels import ChannelAnalysis, ChannelGroup, TensorVal
-from graphsel.graph_utils import module_index
-from graphsel.masks import add_group_mask, removal_positions, vanishing_tensors
-from graphsel.meta import graphsel_meta
-from graphsel.verify import eval_mode
+from graphsel.analysis.channels import ChannelAnalysis, ChannelGroup, TensorVal
+from graphsel.ir.graph import module_index
+from graphsel.analysis.masks import add_group_mask, removal_positions, vanishing_tensors
+from graphsel.ir.meta import graphsel_meta
+from graphsel.pipeline.verify import eval_mode
 
 from .sconv.ecdm import relu_gaussian_mean   # the selective-convolution paper's E[ReLU(N(β, γ²))]
 

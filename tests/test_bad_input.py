@@ -144,7 +144,7 @@ def test_half_precision_traces_and_fuses_within_dtype_tolerance(dtype):
     assert got.dtype == dtype
     assert out[0].weight.dtype == dtype if isinstance(out, nn.Sequential) else out.get_submodule("0").weight.dtype == dtype
     scale = expected.float().abs().max().item()
-    rtol, atol = graphsel.verify.tolerance_for(dtype)
+    rtol, atol = graphsel.pipeline.verify.tolerance_for(dtype)
     assert (got.float() - expected.float()).abs().max().item() <= atol + rtol * scale
 
 

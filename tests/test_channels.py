@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphsel
-from graphsel.channels import analyze_channels, register_channel_rule
+from graphsel.analysis.channels import analyze_channels, register_channel_rule
 
 
 def analyse(model: nn.Module, shape=(1, 3, 8, 8)):
@@ -235,7 +235,7 @@ def test_registered_rule_teaches_the_analysis_a_function():
         _, a = analyse(UnknownOp())
         assert group_of(a, "a").prunable
     finally:
-        from graphsel.channels import CHANNEL_RULES
+        from graphsel.analysis.channels import CHANNEL_RULES
         CHANNEL_RULES.pop(torch.special.erfcx)
 
 
@@ -257,9 +257,9 @@ def test_reshape_across_channel_boundaries_couples_the_channels_it_mixes():
     g = group_of(a, "a")
     # new channel 0 holds old 0 and half of 1, new 1 the rest of 1 and 2, ...: {0,1,2} and {3,4,5} move together
     assert sorted(map(sorted, g.positions["a"])) == [[0, 1, 2], [3, 4, 5]]
-    from graphsel.masks import add_group_mask, oracle_forward
+    from graphsel.analysis.masks import add_group_mask, oracle_forward
     add_group_mask(gm, "a", [0])
-    x = graphsel.tracing.example_inputs_of(gm)
+    x = graphsel.ir.tracing.example_inputs_of(gm)
     with torch.no_grad():
         ref = oracle_forward(gm, x)
     slim = graphsel.transform(gm, ["fold_masks", "materialize"])
@@ -284,7 +284,7 @@ def test_input_and_output_channels_are_frozen():
 # -- grouping internals -------------------------------------------------------------------------
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from graphsel.channels import _segment_keys  # noqa: E402
+from graphsel.analysis.channels import _segment_keys  # noqa: E402
 
 
 def _reference_keys(runs: list[list[int]]) -> list[int]:
@@ -308,7 +308,7 @@ def test_segment_keys_equal_exactly_when_runs_equal(runs, collide):
 
 def test_segment_sums_counts_runs_including_empty_ones():
     import numpy as np
-    from graphsel.channels import segment_sums
+    from graphsel.analysis.channels import segment_sums
     values = np.array([True, False, True, True, False])
     assert segment_sums(values, np.array([0, 2, 0, 3, 0])).tolist() == [0, 1, 0, 2, 0]
     assert segment_sums(np.array([], dtype=bool), np.array([0, 0])).tolist() == [0, 0]

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import graphsel
-from graphsel.cli import DEMO_PIPELINE, main, parse_pass_options, parse_shape, UsageError
-from graphsel.meta import graphsel_meta
-from graphsel.zoo import ModelSpecError, load_model, save
+from graphsel.tools.cli import DEMO_PIPELINE, main, parse_pass_options, parse_shape, UsageError
+from graphsel.ir.meta import graphsel_meta
+from graphsel.tools.zoo import ModelSpecError, load_model, save
 
 TINY = "graphsel:tiny_convnet"
 TINY_SHAPE = "1,3,32,32"
@@ -135,7 +135,7 @@ def test_unknown_model_names_the_closest(capsys, tmp_path):
     assert "resnet18" in line
     assert_bad_input(capsys, "cost", "graphsel:densenet", match="Closest: densenet_cifar")
     assert_bad_input(capsys, "cost", "no_such_package.models:net", match="no module named 'no_such_package'")
-    assert_bad_input(capsys, "cost", "graphsel.models:no_such_factory", match="has no attribute 'no_such_factory'")
+    assert_bad_input(capsys, "cost", "graphsel.tools.models:no_such_factory", match="has no attribute 'no_such_factory'")
     assert_bad_input(capsys, "convert", tmp_path / "missing.pt", "--passes", "fuse_bn", "--out", tmp_path / "x",
                      match="no such model file")
     assert_bad_input(capsys, "cost", "resnet18", match="no 'source:name' form")

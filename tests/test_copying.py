@@ -1,4 +1,4 @@
-"""graphsel.copying.deepcopy_module: the result of copy.deepcopy, on random architectures and on
+"""graphsel.ir.copying.deepcopy_module: the result of copy.deepcopy, on random architectures and on
 the awkward cases (aliasing, tied and memo-shared parameters, classes with their own protocol)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings
 
-from graphsel.copying import clone_memo, deepcopy_module
+from graphsel.ir.copying import clone_memo, deepcopy_module
 from strategies import architectures, assert_same_function
 
 
@@ -86,7 +86,7 @@ def test_deepcopy_module_shares_what_the_memo_names():
 
 
 def test_shallow_copy_module_shares_entries_but_not_the_registries():
-    from graphsel.copying import shallow_copy_module
+    from graphsel.ir.copying import shallow_copy_module
     for m in (nn.Conv2d(3, 4, 3, stride=2), nn.BatchNorm2d(4), _Custom()):
         new = shallow_copy_module(m)
         assert type(new) is type(m) and vars(new).keys() == vars(m).keys()
@@ -100,7 +100,7 @@ def test_shallow_copy_module_shares_entries_but_not_the_registries():
 @settings(max_examples=15, deadline=None)
 @given(arch=architectures())
 def test_module_index_is_named_modules(arch):
-    from graphsel.graph_utils import module_index
+    from graphsel.ir.graph import module_index
     model = arch.build()
     model.alias = model[0] if isinstance(model, nn.Sequential) else nn.Identity()    # a duplicate entry
     assert list(module_index(model).items()) == list(model.named_modules())
@@ -113,7 +113,7 @@ def test_module_index_is_named_modules(arch):
 def test_delete_unused_modules_follows_torch_fx(arch):
     """Same modules left as torch.fx's delete_all_unused_submodules, with spare and nested extras."""
     import graphsel
-    from graphsel.graph_utils import delete_unused_modules, module_index
+    from graphsel.ir.graph import delete_unused_modules, module_index
     gm = graphsel.trace(arch.build(), (torch.randn(arch.input_shape),))
     gm.add_submodule("spare.inner", nn.Linear(2, 2))                    # unused, nested
     called = next(n.target for n in gm.graph.nodes if n.op == "call_module")

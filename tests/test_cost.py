@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import graphsel
-from graphsel.cost import CostError, cost, distributed_cost, graph_cost, meta_model, register_module_cost
+from graphsel.analysis.cost import CostError, cost, distributed_cost, graph_cost, meta_model, register_module_cost
 
-cost_mod = importlib.import_module("graphsel.cost")  # the module (graphsel.cost is also the function)
+from graphsel.analysis import cost as cost_mod
 
 torch.manual_seed(0)
 
@@ -404,7 +404,7 @@ def test_inferred_inputs_and_graphmodule_inputs():
 
 
 def test_report_table_and_by_module():
-    from graphsel.models import tiny_convnet
+    from graphsel.tools.models import tiny_convnet
     report = cost(tiny_convnet(), torch.randn(1, 3, 32, 32))
     per_module = report.by_module(1)
     assert sum(v["macs"] for v in per_module.values()) == report.macs
@@ -420,7 +420,7 @@ def test_report_table_and_by_module():
 
 
 def test_pipeline_cost_analysis_uses_graph_cost():
-    from graphsel.models import tiny_convnet
+    from graphsel.tools.models import tiny_convnet
     model = tiny_convnet().eval()
     x = torch.randn(1, 3, 32, 32)
     gm = graphsel.transform(model, ["fuse_bn"], (x,))

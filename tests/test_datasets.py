@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from graphsel import datasets
-from graphsel.datasets import DatasetNotFound, fashion_mnist, read_idx, write_idx
+from graphsel.tools import datasets
+from graphsel.tools.datasets import DatasetNotFound, fashion_mnist, read_idx, write_idx
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])

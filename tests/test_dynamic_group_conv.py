@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import graphsel
 from graphsel.errors import PassError
-from graphsel.models import resnet_cifar
+from graphsel.tools.models import resnet_cifar
 from graphsel.passes import dynamic_group_conv as dgc
 from graphsel.passes.dynamic_group_conv import ApplyDynamicGroupConv, DynamicGroupConv2d
 from strategies import assert_same_function, cnn_architectures, conv_nets_with_bn_relu_conv

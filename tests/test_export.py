@@ -22,9 +22,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 import graphsel
-from graphsel.export import FORMATS, ExportError, export, graphsel_references, plain_graph_module
-from graphsel.graph_utils import add_module
-from graphsel.meta import graphsel_meta
+from graphsel.tools.export import FORMATS, ExportError, export, graphsel_references, plain_graph_module
+from graphsel.ir.graph import add_module
+from graphsel.ir.meta import graphsel_meta
 from strategies import architectures
 
 SLIM = [("prune", {"ratio": 0.5, "round_to": 8}), "fold_masks", "materialize", "fuse_bn"]
@@ -265,7 +265,7 @@ def test_graphsel_holder_modules_become_plain_modules(clean_python, tmp_path):
 def test_graphsel_modules_with_a_forward_export_without_graphsel(pass_name, clean_python, tmp_path):
     """Selective and dynamic-group convolutions (graphsel classes with their own forward) are
     inlined, or the pickle falls back to torch.export's module."""
-    from graphsel.models import densenet_cifar, tiny_convnet
+    from graphsel.tools.models import densenet_cifar, tiny_convnet
 
     torch.manual_seed(0)
     model = (densenet_cifar(10, 4) if pass_name == "insert_selective_conv" else tiny_convnet()).eval()
@@ -290,7 +290,7 @@ def test_result_reports_files_method_and_loader(tmp_path):
 
 
 def test_an_artefact_that_does_not_reproduce_the_model_is_an_error(tmp_path, monkeypatch):
-    ex = sys.modules["graphsel.export"]  # the module (graphsel.export is the function)
+    from graphsel.tools import export as ex
 
     gm, x = _gm_with_graphsel_holder()
     real = ex._run_artefact

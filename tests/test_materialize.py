@@ -18,9 +18,9 @@ from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
 import graphsel
-from graphsel.channels import analyze_channels
-from graphsel.masks import add_consumer_mask, add_group_mask, get_masks, oracle_forward, removal_positions, resolve_masks
-from graphsel.tracing import example_inputs_of
+from graphsel.analysis.channels import analyze_channels
+from graphsel.analysis.masks import add_consumer_mask, add_group_mask, get_masks, oracle_forward, removal_positions, resolve_masks
+from graphsel.ir.tracing import example_inputs_of
 from graphsel.passes.prune import relu_gaussian_mean
 from mask_reference import KINDS as REFERENCE_KINDS, reference_model, supported
 from strategies import architectures, assert_same_function

@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 import graphsel
-from graphsel import models
-from graphsel.cost import cost, meta_model
-from graphsel.patterns import DROPOUT, RELU, Optional, Pattern
+from graphsel.tools import models
+from graphsel.analysis.cost import cost, meta_model
+from graphsel.analysis.patterns import DROPOUT, RELU, Optional, Pattern
 
 
 def _cost_at(factory, *args, size=32, channels=3, **kwargs):

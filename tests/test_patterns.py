@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import graphsel
 from graphsel import Optional, Pattern
-from graphsel.patterns import DROPOUT, RELU, FailedMatch, find_patterns
+from graphsel.analysis.patterns import DROPOUT, RELU, FailedMatch, find_patterns
 from strategies import RELU_SPELLINGS, PreActUnit
 
 BN_RELU_CONV = Pattern(nn.BatchNorm2d, RELU, Optional(DROPOUT), nn.Conv2d)

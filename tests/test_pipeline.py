@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import graphsel
 from graphsel import (Contract, Diagnostic, FunctionChangedError, Pass, PassContext, PassError, PassResult,
                       graphsel_meta, register_analysis, register_pass)
-from graphsel import registry
+from graphsel.pipeline import registry
 from strategies import assert_model_unchanged, assert_same_function, model_snapshot
 
 
@@ -577,7 +577,7 @@ def test_verify_false_catches_a_graph_edit_a_pass_reports_as_unmodified():
 # graph_utils.recompile: code is regenerated exactly when the graph's code would change
 # --------------------------------------------------------------------------------------------
 def test_recompile_keeps_the_code_when_only_modules_change():
-    from graphsel.graph_utils import recompile
+    from graphsel.ir.graph import recompile
     model = make_net()
     gm = graphsel.trace(model, X)
     code = gm._code
@@ -596,7 +596,7 @@ def test_recompile_keeps_the_code_when_only_modules_change():
 def test_recompile_regenerates_after_someone_else_compiled_an_intermediate_graph():
     """A pass that adds nodes, calls gm.recompile() to run them and removes them again leaves a
     graph equal to the recorded one but code of the intermediate graph: recompile must notice."""
-    from graphsel.graph_utils import recompile
+    from graphsel.ir.graph import recompile
     gm = graphsel.trace(make_net(), X)
     with torch.no_grad():
         want = gm(*X)

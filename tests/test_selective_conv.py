@@ -13,11 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphsel
-from graphsel.masks import get_masks
+from graphsel.analysis.masks import get_masks
 from graphsel.passes.selective_conv import (InsertSelectiveConv, LowerSelectiveConv, SelectiveConv2d, bilinear_shift,
                                             dealloc, ecdm, expected_activation, normalized_ecdm, randomize_state,
                                             realloc, selective_modules, shift_kernels)
-from graphsel.shapes import propagate_shapes
+from graphsel.ir.shapes import propagate_shapes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
 def run_pass(p, gm):
     """Run a pass directly on a copy (no pipeline) and re-propagate shapes."""
     out = p(copy.deepcopy(gm)).gm
-    propagate_shapes(out, graphsel.tracing.example_inputs_of(gm))
+    propagate_shapes(out, graphsel.ir.tracing.example_inputs_of(gm))
     return out
 
 

@@ -20,11 +20,11 @@ from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
 import graphsel
-from graphsel.masks import get_masks
+from graphsel.analysis.masks import get_masks
 from graphsel.passes.selective_conv import (LowerSelectiveConv, SelectiveConv2d, dealloc, normalized_ecdm,
                                             randomize_state, realloc, selective_modules)
-from graphsel.shapes import propagate_shapes
-from graphsel.tracing import example_inputs_of
+from graphsel.ir.shapes import propagate_shapes
+from graphsel.ir.tracing import example_inputs_of
 from strategies import PreActUnitModule, assert_same_function, conv_nets_with_bn_relu_conv
 
 

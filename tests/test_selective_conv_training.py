@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphsel
-from graphsel.models import densenet_cifar
+from graphsel.tools.models import densenet_cifar
 from graphsel.passes.selective_conv import (SelectiveConv2d, SelectiveSchedule, allocation, dealloc, param_groups,
                                             randomize_state, realloc, selective_modules)
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import graphsel
-from graphsel.cost import meta_model
+from graphsel.analysis.cost import meta_model
 from graphsel.passes.selective_conv import SelectiveConv2d, dealloc, realloc, selective_modules
-from graphsel.masks import get_masks
+from graphsel.analysis.masks import get_masks
 from strategies import assert_same_function, randomize_norm_layers
 
 torchvision = pytest.importorskip("torchvision")

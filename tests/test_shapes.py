@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from graphsel.shapes import resized_meta, tensor_metadata
+from graphsel.ir.shapes import resized_meta, tensor_metadata
 
 TENSORS = {
     "contiguous": lambda: torch.randn(2, 3, 4, 5),

@@ -377,7 +377,7 @@ def test_example_inputs_are_inferred_for_image_classifiers():
     model = SmallNet()
     gm = graphsel.trace(model)
     meta = graphsel_meta(gm)
-    (x,) = graphsel.tracing.example_inputs_of(gm)
+    (x,) = graphsel.ir.tracing.example_inputs_of(gm)
     assert x.shape[:2] == (1, 3) and x.dim() == 4
     assert meta.inputs[0].shape == tuple(x.shape)
     assert any("inferred" in n for n in meta.notes) and "inferred" in graphsel.report(gm)

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import graphsel
-from graphsel.channels import analyze_channels
-from graphsel.masks import add_group_mask, oracle_forward, removal_positions
-from graphsel.pipeline import _recorded_shapes
-from graphsel.shapes import propagate_shapes
+from graphsel.analysis.channels import analyze_channels
+from graphsel.analysis.masks import add_group_mask, oracle_forward, removal_positions
+from graphsel.pipeline.phases import _recorded_shapes
+from graphsel.ir.shapes import propagate_shapes
 from test_materialize import assert_requested_removals_happened
 from zoo_models import REGULAR, assert_within_tolerance, build, example_input, release_memory
 from zoo_reference import zeroed_reference

@@ -70,5 +70,5 @@ def example_input(name: str, seed: int) -> torch.Tensor:
 
 def assert_within_tolerance(name: str, diff: float, scale: float) -> None:
     """``diff`` (max abs error) within graphsel's verification tolerance for the model's dtype."""
-    rtol, atol = graphsel.verify.tolerance_for(dtype_of(name))
+    rtol, atol = graphsel.pipeline.verify.tolerance_for(dtype_of(name))
     assert scale > 0 and diff <= atol + rtol * scale, f"{name}: max abs error {diff:.3g} at scale {scale:.3g}"

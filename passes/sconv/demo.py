@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 
 import graphsel
-from graphsel.cli import register_demo_section
-from graphsel.models import densenet_cifar
+from graphsel.tools.cli import register_demo_section
+from graphsel.tools.models import densenet_cifar
 
 from .ecdm import dealloc, realloc
 from .training import allocation

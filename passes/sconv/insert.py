@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch.fx.operator_schemas import normalize_function
 
 from graphsel import Contract, Diagnostic, Optional, Pass, PassResult, Pattern, register_pass
-from graphsel.graph_utils import call_count, delete_unused_modules, replace_module
-from graphsel.meta import graphsel_meta
-from graphsel.patterns import DROPOUT, RELU, describe, first_input
+from graphsel.ir.graph import call_count, delete_unused_modules, replace_module
+from graphsel.ir.meta import graphsel_meta
+from graphsel.analysis.patterns import DROPOUT, RELU, describe, first_input
 
 from .module import DEFAULT_GAMMA, SelectiveConv2d, check_options
 

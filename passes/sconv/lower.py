@@ -16,7 +16,7 @@ For a selective conv at path ``P`` reading ``x`` (C channels) with ``S`` open co
 channel ``c < C`` with the slot's weights when slot ``c`` is open and reads its own channel, and
 channel ``C + s`` with the weights of slot ``r_s``. Every other column (closed slots, and slots
 whose own channel was replaced by a copy) is **exactly zero**, and a **consumer mask** is recorded
-for it (``graphsel.masks.add_consumer_mask(gm, P, removed)``), so the graph is exact before the
+for it (``graphsel.analysis.masks.add_consumer_mask(gm, P, removed)``), so the graph is exact before the
 masks are folded; ``fold_masks`` / ``materialize`` then remove those BN entries, the gathers
 and, when nothing else reads them, the producers' filters. Without copies the lowering is just
 ``BN → ReLU → [Dropout] → Conv`` with the zeroed columns and the mask. The BN (and a dropout
@@ -41,8 +41,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from graphsel import Contract, Diagnostic, Pass, PassResult, register_pass
-from graphsel.graph_utils import add_module, delete_unused_modules, replace_module, unique_module_path
-from graphsel.meta import graphsel_meta
+from graphsel.ir.graph import add_module, delete_unused_modules, replace_module, unique_module_path
+from graphsel.ir.meta import graphsel_meta
 
 from .module import SelectiveConv2d, selective_modules
 from .shift import shift_kernels
@@ -50,7 +50,7 @@ from .shift import shift_kernels
 
 def _record_consumer_mask(gm: fx.GraphModule, consumer: str, removed: list[int]) -> None:
     try:
-        from graphsel.masks import add_consumer_mask
+        from graphsel.analysis.masks import add_consumer_mask
     except ImportError:  # pragma: no cover - the channel compiler provides it
         graphsel_meta(gm).state.setdefault("lower_selective_conv", {}).setdefault("consumer_masks", {})[
             consumer] = list(removed)

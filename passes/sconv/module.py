@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphsel import register_leaf_module
-from graphsel.cost import register_module_cost
+from graphsel.analysis.cost import register_module_cost
 
 from .shift import bilinear_shift
 

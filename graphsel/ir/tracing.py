@@ -1,7 +1,7 @@
 """``graphsel.trace``: torch.fx symbolic tracing that never mutates the user's model and leafs
 what it cannot trace.
 
-* Traces a deep copy of the model (:func:`graphsel.copying.deepcopy_module`, ``copy.deepcopy``'s
+* Traces a deep copy of the model (:func:`graphsel.ir.copying.deepcopy_module`, ``copy.deepcopy``'s
   result at a third of its cost; LeViT-style caches would otherwise capture proxies, and leaf
   modules would be shared with the user's model).
 * ``proxy_buffer_attributes=True`` (in-place buffer updates are recorded, not executed) and
@@ -31,11 +31,11 @@ import torch.nn as nn
 from torch.fx._symbolic_trace import PHBase
 from torch.fx.proxy import ParameterProxy
 
-from .copying import clone_memo, deepcopy_module
-from .errors import ExampleInputError, TraceError
-from .graph_utils import mark_compiled, module_index
-from .meta import GraphselMeta, LeafRecord, META_KEY, graphsel_meta
-from .shapes import propagate_shapes
+from graphsel.ir.copying import clone_memo, deepcopy_module
+from graphsel.errors import ExampleInputError, TraceError
+from graphsel.ir.graph import mark_compiled, module_index
+from graphsel.ir.meta import GraphselMeta, LeafRecord, META_KEY, graphsel_meta
+from graphsel.ir.shapes import propagate_shapes
 
 _REGISTERED_LEAVES: list[type] = []
 _TORCH_DIR = os.path.dirname(torch.__file__)

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .graph_utils import module_index
-from .shapes import tensor_shape
+from graphsel.ir.graph import module_index
+from graphsel.ir.shapes import tensor_shape
 
 # ------------------------------------------------------------------------------------------
 # abstract values

@@ -42,8 +42,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import ExampleInputError, GraphselError
-from .verify import flatten_outputs
+from graphsel.errors import ExampleInputError, GraphselError
+from graphsel.pipeline.verify import flatten_outputs
 
 FORMATS = ("pt2", "onnx", "torchscript", "pickle")
 SUFFIXES = {"pt2": ".pt2", "onnx": ".onnx", "torchscript": ".torchscript.pt", "pickle": ".pt"}
@@ -137,7 +137,7 @@ def export(gm: nn.Module, path: str | os.PathLike, format: str = "pt2", example_
 
 
 def _inputs_for(gm: nn.Module, example_inputs: Any, format: str) -> tuple | None:
-    from .tracing import _as_tuple, example_inputs_of
+    from graphsel.ir.tracing import _as_tuple, example_inputs_of
 
     inputs = _as_tuple(example_inputs)
     if inputs is None and isinstance(gm, fx.GraphModule):
@@ -431,7 +431,7 @@ def _run_artefact(result: ExportResult, inputs: tuple) -> list[torch.Tensor]:
 
 
 def _check(gm: nn.Module, inputs: tuple, result: ExportResult, rtol: float | None, atol: float | None) -> None:
-    from .verify import eval_mode
+    from graphsel.pipeline.verify import eval_mode
 
     with eval_mode(gm), torch.no_grad():
         ref = [t.detach().float().cpu() for t in flatten_outputs(gm(*inputs))]

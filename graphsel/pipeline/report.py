@@ -6,7 +6,7 @@ from collections import Counter
 import torch.fx as fx
 from tabulate import tabulate
 
-from .meta import graphsel_meta
+from graphsel.ir.meta import graphsel_meta
 
 
 def human(n: float | int | None, unit: str = "") -> str:

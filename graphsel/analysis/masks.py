@@ -32,11 +32,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .channels import ChannelAnalysis, TensorVal, analyze_channels, segment_sums
-from .context import graph_fingerprint
-from .errors import MaskError
-from .meta import graphsel_meta
-from .slicing import slice_per_channel
+from graphsel.analysis.channels import ChannelAnalysis, TensorVal, analyze_channels, segment_sums
+from graphsel.pipeline.context import graph_fingerprint
+from graphsel.errors import MaskError
+from graphsel.ir.meta import graphsel_meta
+from graphsel.ops.slicing import slice_per_channel
 
 _CONSUMER_KINDS = ("conv_in", "linear_in")
 

@@ -57,7 +57,7 @@ class eval_mode:
 
 def reference_forward(gm: nn.Module, inputs: tuple) -> list[torch.Tensor]:
     """Outputs under reference semantics (eval mode, no grad, masks applied when present)."""
-    from .masks import has_masks, oracle_forward
+    from graphsel.analysis.masks import has_masks, oracle_forward
     with torch.no_grad(), eval_mode(gm):
         if isinstance(gm, fx.GraphModule) and has_masks(gm):
             out = oracle_forward(gm, inputs)
@@ -111,7 +111,7 @@ def compare_outputs(ref: list[list[torch.Tensor]], got: list[list[torch.Tensor]]
 
 def capture_node_outputs(gm: fx.GraphModule, inputs: tuple) -> dict[str, torch.Tensor]:
     """Every node's tensor output (reference semantics), keyed by node name."""
-    from .masks import has_masks, oracle_interpreter
+    from graphsel.analysis.masks import has_masks, oracle_interpreter
     with torch.no_grad(), eval_mode(gm):
         interp = oracle_interpreter(gm) if has_masks(gm) else _CapturingInterpreter(gm)
         interp.run(*inputs)

@@ -110,7 +110,7 @@ def measure_latency(model, inputs: tuple, *, min_seconds: float = 1.0, warmup: i
     """Median eager wall time of ``model(*inputs)`` in milliseconds (eval mode, inference mode)."""
     import torch
 
-    from .verify import eval_mode
+    from graphsel.pipeline.verify import eval_mode
 
     times: list[float] = []
     with eval_mode(model), torch.inference_mode():
@@ -153,7 +153,7 @@ def _json_ready(obj: Any) -> Any:
 
 def history_json(gm) -> dict[str, Any]:
     """The graphsel metadata of ``gm`` as JSON-ready data (inputs, notes, leafed modules, pass rows)."""
-    from .meta import graphsel_meta
+    from graphsel.ir.meta import graphsel_meta
 
     meta = graphsel_meta(gm, create=False)
     if meta is None:
@@ -175,7 +175,7 @@ def summary_line(doc: str, width: int = 100) -> str:
 
 
 def _human(n: float) -> str:
-    from .report import human
+    from graphsel.pipeline.report import human
 
     return human(n)
 
@@ -192,8 +192,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     import graphsel
 
-    from .export import export
-    from .zoo import load_model, save
+    from graphsel.tools.export import export
+    from graphsel.tools.zoo import load_model, save
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,7 +246,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _suffix(fmt: str) -> str:
-    from .export import SUFFIXES
+    from graphsel.tools.export import SUFFIXES
 
     return SUFFIXES[fmt]
 
@@ -268,9 +268,9 @@ def _before_after_table(before, after, lat_before: float, lat_after: float) -> s
 def cmd_convert(args: argparse.Namespace) -> int:
     import graphsel
 
-    from .export import export
-    from .registry import resolve_passes
-    from .zoo import load_model, save
+    from graphsel.tools.export import export
+    from graphsel.pipeline.registry import resolve_passes
+    from graphsel.tools.zoo import load_model, save
 
     names = [p.strip() for p in args.passes.split(",") if p.strip()]
     if not names:
@@ -300,8 +300,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     import graphsel
 
-    from .meta import graphsel_meta
-    from .zoo import load_file
+    from graphsel.ir.meta import graphsel_meta
+    from graphsel.tools.zoo import load_file
 
     gm = load_file(args.path)
     if graphsel_meta(gm, create=False) is None:
@@ -320,7 +320,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
     from tabulate import tabulate
 
-    from .registry import available_passes, pass_options
+    from graphsel.pipeline.registry import available_passes, pass_options
 
     rows = []
     for name, cls in available_passes().items():
@@ -339,7 +339,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 def cmd_cost(args: argparse.Namespace) -> int:
     import graphsel
 
-    from .zoo import load_model
+    from graphsel.tools.zoo import load_model
 
     inputs = make_inputs(args.input_shape)
     with stage(f"loading {args.model}"):
@@ -359,7 +359,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
 # parser and entry point
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from graphsel import __version__
 
     p = argparse.ArgumentParser(
         prog="graphsel",
@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bad_input_types() -> tuple[type[BaseException], ...]:
-    from .errors import GraphselError
+    from graphsel.errors import GraphselError
 
     return (UsageError, GraphselError, ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError,
             IsADirectoryError, PermissionError, ImportError)

@@ -6,7 +6,7 @@ import difflib
 import inspect
 from typing import Any, Iterable
 
-from .passbase import Contract, Pass
+from graphsel.pipeline.passbase import Contract, Pass
 
 _REGISTRY: dict[str, type[Pass]] = {}
 

@@ -13,8 +13,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .graph_utils import module_index
-from .meta import InputSpec
+from graphsel.ir.graph import module_index
+from graphsel.ir.meta import InputSpec
 
 _ANALYSES: dict[str, Callable[[fx.GraphModule, "PassContext"], Any]] = {}
 
@@ -60,7 +60,7 @@ class PassContext:
 
     @classmethod
     def for_graph(cls, gm: fx.GraphModule, **kw) -> "PassContext":
-        from .tracing import example_inputs_of
+        from graphsel.ir.tracing import example_inputs_of
         return cls(example_inputs_of(gm), **kw)
 
     # -- analyses -------------------------------------------------------------------------
@@ -97,4 +97,4 @@ class PassContext:
 
 
 def _load_builtin_analyses() -> None:
-    from . import analyses  # noqa: F401
+    from graphsel.pipeline import analyses  # noqa: F401

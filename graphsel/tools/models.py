@@ -7,7 +7,7 @@ post-activation nets from ``Conv2d → BatchNorm2d → ReLU``. Every constructor
 ``in_channels`` (3 for CIFAR, 1 for Fashion-MNIST) and ``num_classes``; the classifier ends in
 ``AdaptiveAvgPool2d(1)`` so any input size works (32×32 CIFAR, 28×28 Fashion-MNIST).
 
-Sizes at 3×32×32 with 10 classes, counted by :func:`graphsel.cost.cost` (MACs = conv + linear
+Sizes at 3×32×32 with 10 classes, counted by :func:`graphsel.analysis.cost.cost` (MACs = conv + linear
 multiply-accumulates at batch 1, the convention of the papers and of torchvision), checked
 against the papers' figures in ``tests/test_models.py``:
 

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import GraphselError
+from graphsel.errors import GraphselError
 
 CHECKPOINT_FORMAT = "graphsel.GraphModule"
 CHECKPOINT_VERSION = 1
@@ -98,7 +98,7 @@ def _timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
 
 
 def _graphsel(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    from . import models
+    from graphsel.tools import models
 
     names = sorted(n for n in models.__all__ if n[0].islower() and callable(getattr(models, n)))
     if name not in names:

@@ -14,7 +14,7 @@ CODE_KEY = "graphsel_code_key"
 def code_key(gm: fx.GraphModule) -> int:
     """A hash of everything torch.fx generates ``forward`` from: the nodes in order with their
     names, ops, targets, arguments and type annotations, and the graph's code generator. Unlike
-    :func:`graphsel.context.graph_fingerprint` it ignores the modules' shapes (slicing a module
+    :func:`graphsel.pipeline.context.graph_fingerprint` it ignores the modules' shapes (slicing a module
     leaves the code as it is)."""
     g = gm.graph
     return hash((type(g._codegen).__qualname__,
@@ -35,7 +35,7 @@ def recompile(gm: fx.GraphModule, fingerprint: int | None = None) -> None:
     (materialize, say, slices modules without touching the graph). Records the graph's fingerprint
     (``fingerprint``: the caller's, when it has it), so the pipeline skips this call for a graph
     already current."""
-    from .context import graph_fingerprint
+    from graphsel.pipeline.context import graph_fingerprint
     recorded = gm.meta.get(CODE_KEY)
     if not (recorded is not None and recorded[1] is getattr(gm, "_code", None) and recorded[0] == code_key(gm)):
         gm.recompile()

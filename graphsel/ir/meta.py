@@ -83,7 +83,7 @@ class GraphselMeta:
     notes: list[str] = field(default_factory=list)
     history: list[PassRecord] = field(default_factory=list)
     trained_mode: bool = False
-    # Channel masks (graphsel.masks.ChannelMasks) attached by pruning passes; None when none.
+    # Channel masks (graphsel.analysis.masks.ChannelMasks) attached by pruning passes; None when none.
     masks: Any = None
     # Free-form per-pass state that later passes read (keyed by pass name).
     state: dict[str, Any] = field(default_factory=dict)

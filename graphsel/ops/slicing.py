@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from .copying import shallow_copy_module
+from graphsel.ir.copying import shallow_copy_module
 
 
 def as_index(keep: Sequence[int] | torch.Tensor, device=None) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch.fx as fx
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .context import PassContext
+    from graphsel.pipeline.context import PassContext
 
 
 class Contract(str, enum.Enum):
@@ -105,7 +105,7 @@ class Pass:
 
     def __call__(self, gm: fx.GraphModule, ctx: "PassContext | None" = None) -> PassResult:
         if ctx is None:
-            from .context import PassContext
+            from graphsel.pipeline.context import PassContext
             ctx = PassContext.for_graph(gm)
         return self.run(gm, ctx)
 

@@ -65,8 +65,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .graph_utils import module_index
-from .errors import GraphselError
+from graphsel.ir.graph import module_index
+from graphsel.errors import GraphselError
 
 __all__ = [
     "CostReport", "NodeCost", "UnknownCost", "OpCall", "TensorArg", "graph_cost", "cost", "distributed_cost",
@@ -916,7 +916,7 @@ def _check_shapes(gm: fx.GraphModule) -> None:
         n = missing[0]
         raise CostError(
             f"node '{n.name}' ({_node_target_name(n)}) has no shape information (meta['tensor_meta']); the graph was "
-            f"probably edited after shape propagation. Re-run graphsel.shapes.propagate_shapes(gm, example_inputs) "
+            f"probably edited after shape propagation. Re-run graphsel.ir.shapes.propagate_shapes(gm, example_inputs) "
             f"or pass example_inputs to graphsel.cost.")
 
 
@@ -936,7 +936,7 @@ def _cost_node(node: fx.Node, modules: Mapping[str, nn.Module],
         if found is None:
             problem = UnknownCost(node.name, f"{type(m).__module__}.{type(m).__qualname__}",
                                   f"leaf module '{node.target}' ({type(m).__qualname__}) has no cost rule; "
-                                  f"register one with graphsel.cost.register_module_cost")
+                                  f"register one with graphsel.analysis.cost.register_module_cost")
         else:
             rule, category = found
             call = OpCall(node, _substitute(node.args, outs_of), _substitute(node.kwargs, outs_of), outs)
@@ -950,7 +950,7 @@ def _cost_node(node: fx.Node, modules: Mapping[str, nn.Module],
             category = "scalar"  # shape arithmetic, asserts: no tensor, no cost
         elif found is None:
             problem = UnknownCost(node.name, row.target, f"{node.op} '{row.target}' has no cost rule; register "
-                                                         f"one with graphsel.cost.register_function_cost")
+                                                         f"one with graphsel.analysis.cost.register_function_cost")
         else:
             rule, category = found
             result = rule(OpCall(node, _substitute(node.args, outs_of), _substitute(node.kwargs, outs_of), outs))
@@ -1173,8 +1173,8 @@ def cost(model_or_gm: nn.Module, example_inputs: Any = None) -> CostReport:
     inferred for image classifiers when omitted), or a GraphModule as is (its shapes are
     re-propagated when ``example_inputs`` are given). Works with modules and inputs on the
     ``meta`` device. ``.params`` counts every parameter of ``model_or_gm``."""
-    from .shapes import propagate_shapes
-    from .tracing import _as_tuple, trace
+    from graphsel.ir.shapes import propagate_shapes
+    from graphsel.ir.tracing import _as_tuple, trace
 
     if not isinstance(model_or_gm, nn.Module):
         raise TypeError(f"graphsel.cost expects a torch.nn.Module or a GraphModule, got {type(model_or_gm).__name__}")

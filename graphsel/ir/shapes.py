@@ -9,9 +9,9 @@ import torch.fx as fx
 from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
-from .errors import ExampleInputError
-from .graph_utils import module_index
-from .meta import InputSpec, graphsel_meta
+from graphsel.errors import ExampleInputError
+from graphsel.ir.graph import module_index
+from graphsel.ir.meta import InputSpec, graphsel_meta
 
 
 def node_source(node: fx.Node) -> str:

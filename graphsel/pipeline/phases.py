@@ -35,15 +35,15 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata
 from tqdm.auto import tqdm
 
-from .context import PassContext, graph_fingerprint
-from .errors import FunctionChangedError, GraphselError, PassError
-from .meta import PassRecord, graphsel_meta
-from .passbase import Contract, Pass, PassResult
-from .graph_utils import COMPILED_KEY, module_index, module_tensors, recompile
-from .registry import resolve_passes
-from .shapes import propagate_shapes
-from .tracing import example_inputs_of, trace
-from .verify import Deviation, compare_outputs, first_divergence, reference_forward
+from graphsel.pipeline.context import PassContext, graph_fingerprint
+from graphsel.errors import FunctionChangedError, GraphselError, PassError
+from graphsel.ir.meta import PassRecord, graphsel_meta
+from graphsel.pipeline.passbase import Contract, Pass, PassResult
+from graphsel.ir.graph import COMPILED_KEY, module_index, module_tensors, recompile
+from graphsel.pipeline.registry import resolve_passes
+from graphsel.ir.shapes import propagate_shapes
+from graphsel.ir.tracing import example_inputs_of, trace
+from graphsel.pipeline.verify import Deviation, compare_outputs, first_divergence, reference_forward
 
 
 def _check_invariants(gm: fx.GraphModule, pass_name: str) -> None:
@@ -275,7 +275,7 @@ def transform(model: nn.Module, passes: Any, example_inputs: Any = None, *, veri
     if isinstance(model, fx.GraphModule) and graphsel_meta(model, create=False) is not None:
         gm = copy.deepcopy(model)
         if example_inputs is not None:
-            from .tracing import _as_tuple
+            from graphsel.ir.tracing import _as_tuple
             inputs = _as_tuple(example_inputs)
             propagate_shapes(gm, inputs)
             gm.meta["graphsel_example_inputs"] = inputs
