@@ -1,4 +1,4 @@
-"""``python -m graphsel``: the graphsel command line (see :mod:`graphsel.cli`)."""
+"""``python -m graphsel``: the graphsel command line (see :mod:`graphsel.tools.cli`)."""
 import sys
 
 from graphsel.tools.cli import main

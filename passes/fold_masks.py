@@ -17,23 +17,18 @@ channel of a source (:class:`graphsel.MaskError`).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch.fx as fx
 
-from graphsel import Contract, Diagnostic, Pass, PassResult, register_pass
-from graphsel.pipeline.context import graph_fingerprint
-from graphsel.analysis.masks import ChannelMasks, dead_classes, removal_positions, resolve_masks, vanishing_tensors
+from graphsel.analysis.masks import ChannelMasks, dead_classes, removal_positions, vanishing_tensors
 from graphsel.ir.meta import graphsel_meta
-
-#: ``gm.meta`` key: (graph fingerprint, masks key, stats) of the masks FoldMasks left, so that
-#: Materialize does not fold the same masks of the same graph again
-FOLDED_KEY = "graphsel_folded_masks"
+from graphsel.pipeline.passbase import Contract, Diagnostic, Pass, PassResult
+from graphsel.pipeline.registry import register_pass
 
 
-def fold(gm: fx.GraphModule, analysis, *, fingerprint: int | None = None) -> tuple[ChannelMasks, dict]:
-    """Canonical masks after liveness, and statistics (``fingerprint``: ``gm``'s, when known)."""
+def fold(gm: fx.GraphModule, ctx) -> tuple[ChannelMasks, dict]:
+    """Canonical masks after liveness, and statistics."""
     masks = graphsel_meta(gm).masks
-    res = resolve_masks(gm, masks, analysis, fingerprint=fingerprint)
+    res = ctx.analysis("resolved_masks", gm, key=masks.key())
     dead = dead_classes(res)
     # never let liveness remove the last channels of a source or of any tensor
     a = res.analysis
@@ -63,6 +58,17 @@ def fold(gm: fx.GraphModule, analysis, *, fingerprint: int | None = None) -> tup
     return canonical, stats
 
 
+def folded(gm: fx.GraphModule, ctx) -> tuple[ChannelMasks, dict]:
+    """:func:`fold` of ``gm``'s masks, cached: folding the canonical masks again gives them back,
+    so the fold FoldMasks recorded serves Materialize while graph and masks are unchanged."""
+    key = graphsel_meta(gm).masks.key()
+    cached = ctx.cached("folded_masks", gm, key)
+    if cached is None:
+        cached = fold(gm, ctx)
+        ctx.store("folded_masks", gm, cached, key=key)
+    return cached
+
+
 @register_pass
 class FoldMasks(Pass):
     """Liveness analysis of channel masks (contract: exact w.r.t. the masked model). See module docstring."""
@@ -70,31 +76,15 @@ class FoldMasks(Pass):
     name = "fold_masks"
     contract = Contract.EXACT
 
-    def __init__(self):
-        super().__init__()
-
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         meta = graphsel_meta(gm)
         if not meta.masks:
             return PassResult(gm, False, {}, [Diagnostic("no channel masks to fold", level="info")])
-        fingerprint = graph_fingerprint(gm)          # the graph does not change in this pass
-        canonical, stats = fold(gm, ctx.analysis("channels", gm, fingerprint=fingerprint), fingerprint=fingerprint)
+        canonical, stats = fold(gm, ctx)
         diags = []
         if stats["last_channels_kept"]:
             diags.append(Diagnostic(f"{stats['last_channels_kept']} unread channel class(es) kept: removing them "
                                     f"would leave a layer without output channels", level="warning"))
         meta.masks = canonical
-        gm.meta[FOLDED_KEY] = (fingerprint, canonical.key(), stats)
+        ctx.store("folded_masks", gm, (canonical, stats), key=canonical.key())
         return PassResult(gm, modified=False, stats=stats, diagnostics=diags)
-
-
-
-def fold_once(gm: fx.GraphModule, analysis, *, fingerprint: int | None = None) -> tuple[ChannelMasks, dict]:
-    """:func:`fold`, or the result FoldMasks recorded when the graph and its masks are unchanged
-    since (folding canonical masks again gives them back)."""
-    masks = graphsel_meta(gm).masks
-    done = gm.meta.get(FOLDED_KEY)
-    fingerprint = graph_fingerprint(gm) if fingerprint is None else fingerprint
-    if done is not None and masks is not None and done[0] == fingerprint and done[1] == masks.key():
-        return masks, dict(done[2])
-    return fold(gm, analysis, fingerprint=fingerprint)

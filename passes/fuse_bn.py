@@ -15,9 +15,10 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from graphsel import Contract, Diagnostic, Pass, PassResult, Pattern, register_pass
+from graphsel.analysis.patterns import BATCHNORM, Pattern
 from graphsel.ir.graph import call_count, delete_unused_modules, replace_module
-from graphsel.analysis.patterns import BATCHNORM
+from graphsel.pipeline.passbase import Contract, Diagnostic, Pass, PassResult
+from graphsel.pipeline.registry import register_pass
 
 _CONV_FOR_BN = {nn.BatchNorm1d: (nn.Conv1d, nn.Linear), nn.BatchNorm2d: (nn.Conv2d,), nn.BatchNorm3d: (nn.Conv3d,)}
 

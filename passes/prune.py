@@ -27,26 +27,29 @@ group produced by that module uses its own ratio) or ``target_macs`` (an absolut
 fraction < 1 of the current MACs: the global ratio is found by bisection on the estimated cost).
 ``scope="global"`` ranks normalised scores across groups; ``"uniform"`` removes the same
 fraction of every group. ``round_to=k`` keeps every pruned group at a multiple of k channels
-(the fast sizes for CPU and GPU kernels); ``ignore`` lists module paths whose groups stay intact.
+(the fast sizes for CPU and GPU kernels). Module selection as in every pass
+(:class:`graphsel.pipeline.select.ModuleSelection`): ``include`` — only groups produced by a
+selected module are pruned; ``exclude`` — groups that an excluded module produces or reads stay
+intact.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from graphsel import Contract, Diagnostic, Pass, PassResult, register_pass
-from graphsel.analysis.channels import ChannelAnalysis, ChannelGroup, TensorVal
-from graphsel.ir.graph import module_index
+from graphsel.analysis.activations import relu_gaussian_mean
+from graphsel.analysis.channels import ChannelAnalysis, ChannelGroup
 from graphsel.analysis.masks import add_group_mask, removal_positions, vanishing_tensors
-from graphsel.ir.meta import graphsel_meta
+from graphsel.ir.graph import module_index
+from graphsel.pipeline.passbase import Contract, Diagnostic, Pass, PassResult
+from graphsel.pipeline.registry import register_pass
+from graphsel.pipeline.select import ModuleSelection
 from graphsel.pipeline.verify import eval_mode
-
-from .sconv.ecdm import relu_gaussian_mean   # the selective-convolution paper's E[ReLU(N(β, γ²))]
 
 CRITERIA = ("l1", "bn_gamma", "ecdm")
 
@@ -227,7 +230,8 @@ class Prune(Pass):
 
     def __init__(self, ratio: float | None = 0.5, criterion: str | Callable = "l1", scope: str = "global",
                  round_to: int | None = None, target_macs: float | None = None,
-                 ratios: dict[str, float] | None = None, ignore: Sequence[str] = (), min_channels: int = 1):
+                 ratios: dict[str, float] | None = None, include: Any = None, exclude: Any = None,
+                 min_channels: int = 1):
         if criterion not in CRITERIA and not callable(criterion):
             raise ValueError(f"unknown pruning criterion {criterion!r}; use one of {', '.join(CRITERIA)} "
                              f"or a callable f(group, analysis, gm) -> scores")
@@ -242,17 +246,9 @@ class Prune(Pass):
             raise ValueError(f"target_macs must be a positive MAC count or a fraction in (0, 1), got {target_macs!r}")
         if not isinstance(min_channels, int) or min_channels < 1:
             raise ValueError(f"min_channels must be >= 1, got {min_channels!r}")
-        super().__init__(ratio=ratio, criterion=criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "callable"),
-                         scope=scope, round_to=round_to, target_macs=target_macs, ratios=ratios, ignore=list(ignore),
-                         min_channels=min_channels)
-        self.ratio = ratio or 0.0
-        self.criterion = criterion
-        self.scope = scope
-        self.round_to = round_to
-        self.target_macs = target_macs
-        self.ratios = dict(ratios or {})
-        self.ignore = tuple(ignore)
-        self.min_channels = min_channels
+        super().__init__(ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, target_macs=target_macs,
+                         ratios=dict(ratios or {}), include=include, exclude=exclude, min_channels=min_channels)
+        self.selection = ModuleSelection(include, exclude, owner="prune")
 
     # -- selection ------------------------------------------------------------------------
     def _select(self, a: ChannelAnalysis, groups: list[ChannelGroup], scores: dict[int, np.ndarray],
@@ -324,9 +320,9 @@ class Prune(Pass):
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         a: ChannelAnalysis = ctx.analysis("channels", gm)
         diags: list[Diagnostic] = []
-        ignored = set(self.ignore)
         index = module_index(gm)
-        unknown = [p for p in ignored | set(self.ratios) if p not in index]
+        self.selection.check_names(index)
+        unknown = [p for p in self.ratios if p not in index]
         if unknown:
             raise ValueError(f"prune: {', '.join(map(repr, unknown))} name no module of this model")
         groups = []
@@ -335,9 +331,15 @@ class Prune(Pass):
                 if g.frozen_reasons and g.size > 1:
                     diags.append(Diagnostic(f"frozen: {g.frozen_reasons[0]}", ", ".join(g.sources[:2]), "skip"))
                 continue
-            if ignored.intersection(g.sources) or ignored.intersection(g.consumers):
-                diags.append(Diagnostic("ignored by request", ", ".join(g.sources[:2]), "skip"))
-                continue
+            if self.selection.active:
+                touched = [(p, index[p]) for p in g.sources + g.consumers if p in index]
+                if any(self.selection.excluded(p, m) for p, m in touched):
+                    diags.append(Diagnostic("excluded by request", ", ".join(g.sources[:2]), "skip"))
+                    continue
+                if self.selection.include is not None and not any(
+                        self.selection.selects(p, index[p]) for p in g.sources if p in index):
+                    diags.append(Diagnostic("not selected by include", ", ".join(g.sources[:2]), "skip"))
+                    continue
             groups.append(g)
         if not groups:
             diags.append(Diagnostic("no prunable channel group", level="info"))
@@ -346,7 +348,7 @@ class Prune(Pass):
         scores = {g.index: scorer.scores(g) for g in groups}
         if scorer.fallbacks:
             diags.append(Diagnostic(f"{scorer.fallbacks} group(s) have no BatchNorm; scored by L1 instead", level="info"))
-        ratio = self.ratio
+        ratio = self.ratio or 0.0
         est = None
         if self.target_macs is not None:
             cost = ctx.analysis("cost", gm)

@@ -16,21 +16,5 @@ Typical use::
     ...  # train, calling schedule.on_epoch_end(epoch) after each epoch
     slim = graphsel.transform(gm, ["lower_selective_conv", "fold_masks", "materialize"])
 """
-from .sconv.ecdm import (DeallocReport, ReallocReport, dealloc, dealloc_layer, ecdm, expected_activation,
-                         normalized_ecdm, realloc, realloc_layer)
-from .sconv.insert import PATTERN, InsertSelectiveConv
-from .sconv.lower import LowerSelectiveConv
-from .sconv import demo as _demo  # noqa: F401 - registers the `graphsel demo` section
-from .sconv.module import DEFAULT_GAMMA, SelectiveConv2d, check_options, default_K, selective_modules
-from .sconv.shift import bilinear_shift, shift_kernels
-from .sconv.testing import randomize_state
-from .sconv.training import (EpochRecord, LayerAllocation, SelectiveSchedule, allocation, param_groups,
-                             reset_optimizer_slots)
-
-__all__ = [
-    "SelectiveConv2d", "InsertSelectiveConv", "LowerSelectiveConv", "PATTERN", "ecdm", "normalized_ecdm",
-    "expected_activation", "dealloc", "realloc", "dealloc_layer", "realloc_layer", "DeallocReport", "ReallocReport",
-    "SelectiveSchedule", "EpochRecord", "LayerAllocation", "allocation", "param_groups", "reset_optimizer_slots",
-    "bilinear_shift", "shift_kernels", "randomize_state", "selective_modules", "check_options", "default_K",
-    "DEFAULT_GAMMA",
-]
+from .sconv import *  # noqa: F401,F403 - the public names, listed in sconv.__all__
+from .sconv import __all__  # noqa: F401

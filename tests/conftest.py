@@ -35,3 +35,16 @@ def _seed_torch():
     """Every test starts from the same global torch RNG state."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def private_op_table():
+    """Registrations made by the test (graphsel.register_op) are undone afterwards."""
+    from graphsel.ops import table
+    saved = {name: dict(getattr(table._TABLE, name)) for name in ("modules", "functions", "methods", "qualnames")}
+    yield
+    for name, entries in saved.items():
+        getattr(table._TABLE, name).clear()
+        getattr(table._TABLE, name).update(entries)
+    table._TABLE.version += 1
+    table._TABLE.by_type.clear()

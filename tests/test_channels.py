@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphsel
-from graphsel.analysis.channels import analyze_channels, register_channel_rule
+from graphsel.analysis.channels import analyze_channels
 
 
 def analyse(model: nn.Module, shape=(1, 3, 8, 8)):
@@ -229,14 +229,10 @@ def test_unknown_function_freezes_instead_of_passing_through():
     assert not g.prunable and any("erfcx" in r for r in g.frozen_reasons)
 
 
-def test_registered_rule_teaches_the_analysis_a_function():
-    register_channel_rule(torch.special.erfcx, "carry")
-    try:
-        _, a = analyse(UnknownOp())
-        assert group_of(a, "a").prunable
-    finally:
-        from graphsel.analysis.channels import CHANNEL_RULES
-        CHANNEL_RULES.pop(torch.special.erfcx)
+def test_registered_rule_teaches_the_analysis_a_function(private_op_table):
+    graphsel.register_op(torch.special.erfcx, graphsel.OpSpec("erfcx", graphsel.ops.carry_rule))
+    _, a = analyse(UnknownOp())
+    assert group_of(a, "a").prunable
 
 
 class BadReshape(nn.Module):
@@ -257,7 +253,8 @@ def test_reshape_across_channel_boundaries_couples_the_channels_it_mixes():
     g = group_of(a, "a")
     # new channel 0 holds old 0 and half of 1, new 1 the rest of 1 and 2, ...: {0,1,2} and {3,4,5} move together
     assert sorted(map(sorted, g.positions["a"])) == [[0, 1, 2], [3, 4, 5]]
-    from graphsel.analysis.masks import add_group_mask, oracle_forward
+    from graphsel.analysis.masks import add_group_mask
+    from graphsel.pipeline.oracle import oracle_forward
     add_group_mask(gm, "a", [0])
     x = graphsel.ir.tracing.example_inputs_of(gm)
     with torch.no_grad():

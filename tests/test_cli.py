@@ -188,8 +188,8 @@ def test_parsers():
     assert parse_shape("1,3,224,224") == parse_shape("1x3x224x224") == (1, 3, 224, 224)
     with pytest.raises(UsageError):
         parse_shape("")
-    assert parse_pass_options(["prune.ratio=0.3", "prune.criterion=bn_gamma", "prune.ignore=['fc']"], ["prune"]) == \
-        {"prune": {"ratio": 0.3, "criterion": "bn_gamma", "ignore": ["fc"]}}
+    assert parse_pass_options(["prune.ratio=0.3", "prune.criterion=bn_gamma", "prune.exclude=['fc']"], ["prune"]) == \
+        {"prune": {"ratio": 0.3, "criterion": "bn_gamma", "exclude": ["fc"]}}
 
 
 def test_load_model_specs(tmp_path):

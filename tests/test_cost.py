@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import graphsel
-from graphsel.analysis.cost import CostError, cost, distributed_cost, graph_cost, meta_model, register_module_cost
+from graphsel.analysis.cost import CostError, cost, distributed_cost, graph_cost, meta_model
+from graphsel.ops import OpSpec, register_op
 
-from graphsel.analysis import cost as cost_mod
 
 torch.manual_seed(0)
 
@@ -276,11 +276,6 @@ class OpaqueChild(Opaque):
     pass
 
 
-@pytest.fixture
-def private_rules(monkeypatch):
-    monkeypatch.setattr(cost_mod, "_MODULE_RULES", dict(cost_mod._MODULE_RULES))
-
-
 def _leaf_model():
     return Wrap(lambda m, x: m.b(m.a(x)), a=Opaque(), b=OpaqueChild())
 
@@ -291,11 +286,15 @@ def test_unknown_leaf_is_reported_not_silent():
     assert report.macs == 0
     assert report.params == 2 * 30
     assert [u.node for u in report.unknown] == ["a", "b"]
-    assert "register_module_cost" in report.unknown[0].reason
+    assert "register_op" in report.unknown[0].reason
     assert "without a cost rule" in report.table() and "without a cost rule" in str(report)
 
 
-def test_register_module_cost_extra_keys_and_most_specific_class(private_rules):
+def register_module_cost(cls, rule):
+    register_op(cls, OpSpec("test_rule", cost=rule, category="module"))
+
+
+def test_register_module_cost_extra_keys_and_most_specific_class(private_op_table):
     seen = []
 
     def base_rule(module, input_shapes, output_shape):
@@ -318,7 +317,7 @@ def test_register_module_cost_extra_keys_and_most_specific_class(private_rules):
     assert [r.macs for r in report.rows if r.node in ("a", "b")] == [37, 7]
 
 
-def test_bad_rule_result_is_a_clear_error(private_rules):
+def test_bad_rule_result_is_a_clear_error(private_op_table):
     register_module_cost(Opaque, lambda m, ins, out: "lots")
     gm = graphsel.trace(_leaf_model(), (torch.randn(3, 5),), leaf_modules=[Opaque])
     with pytest.raises(CostError, match="must return the MACs"):
@@ -337,35 +336,32 @@ class UsesWrapped(nn.Module):
         return scaled_copy(x, 3)
 
 
-@pytest.fixture
-def private_function_rules(monkeypatch):
-    monkeypatch.setattr(cost_mod, "_FUNCTION_RULES", dict(cost_mod._FUNCTION_RULES))
-
-
-def test_register_function_cost_for_wrapped_function(private_function_rules):
+def test_register_function_cost_for_wrapped_function(private_op_table):
     x = torch.randn(2, 5)
     report = cost(UsesWrapped(), x)
     assert [u.node for u in report.unknown] == ["scaled_copy"] and report.macs == 0
 
-    cost_mod.register_function_cost(scaled_copy, lambda call: {"macs": call.out.numel * call.arg(1, "k"),
-                                                                "calls": 1})
+    register_op(scaled_copy, OpSpec("scaled_copy", cost=lambda call: {"macs": call.out.numel * call.arg(1, "k"),
+                                                                      "calls": 1}, category="module"))
     report = cost(UsesWrapped(), x)
     assert report.macs == x.numel() * 3 and not report.unknown
     assert report.rows[0].extra == {"calls": 1}
 
-    cost_mod.register_function_cost(scaled_copy, lambda call: None)   # a rule that gives up
+    register_op(scaled_copy, OpSpec("scaled_copy", cost=lambda call: None, category="module"))   # gives up
     report = cost(UsesWrapped(), x)
     assert [u.node for u in report.unknown] == ["scaled_copy"]
     assert "could not read" in report.unknown[0].reason
-    with pytest.raises(TypeError):
-        cost_mod.register_function_cost(scaled_copy, "not callable")
-
-
-def test_register_module_cost_bad_arguments():
-    with pytest.raises(TypeError, match="nn.Module subclass"):
-        register_module_cost(int, lambda *a: 0)
     with pytest.raises(TypeError, match="callable"):
-        register_module_cost(Opaque, 3)
+        OpSpec("scaled_copy", cost="not callable")
+
+
+def test_register_op_bad_arguments():
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        register_op(int, OpSpec("x"))
+    with pytest.raises(TypeError, match="OpSpec"):
+        register_op(Opaque, lambda *a: 0)
+    with pytest.raises(ValueError, match="method name nor a dotted"):
+        register_op("not a name", OpSpec("x"))
 
 
 # ------------------------------------------------------------------------------------------------

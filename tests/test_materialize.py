@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 import graphsel
 from graphsel.analysis.channels import analyze_channels
-from graphsel.analysis.masks import add_consumer_mask, add_group_mask, get_masks, oracle_forward, removal_positions, resolve_masks
+from graphsel.analysis.masks import add_consumer_mask, add_group_mask, get_masks, removal_positions, resolve_masks
+from graphsel.pipeline.oracle import oracle_forward
 from graphsel.ir.tracing import example_inputs_of
 from graphsel.passes.prune import relu_gaussian_mean
 from mask_reference import KINDS as REFERENCE_KINDS, reference_model, supported

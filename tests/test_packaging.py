@@ -59,7 +59,7 @@ def test_the_wheel_holds_every_package_and_the_console_script(wheel):
     shipped = {os.path.dirname(n).replace("/", ".") for n in names if n.endswith("/__init__.py")}
     assert shipped == _packages_in_tree(), "pyproject.toml [tool.setuptools] packages must list every package"
     assert "graphsel.passes" in shipped and not any(n.startswith("passes/") for n in names)
-    assert "graphsel = graphsel.cli:main" in entry_points
+    assert "graphsel = graphsel.tools.cli:main" in entry_points
 
 
 @pytest.mark.slow

@@ -334,10 +334,11 @@ def test_analysis_cache_is_reused_and_invalidated():
     first = ctx.analysis("test_counting", gm)
     assert ctx.analysis("test_counting", gm) == first and len(CALLS) == 1
     assert ctx.analysis("test_counting", copy.deepcopy(gm)) == first and len(CALLS) == 1  # same structure
-    fused = graphsel.passes.FuseBatchNorm()(copy.deepcopy(gm), ctx).gm
-    assert ctx.analysis("test_counting", fused) == first - 2 and len(CALLS) == 2  # graph edited
+    fused = graphsel.passes.FuseBatchNorm()(copy.deepcopy(gm), ctx).gm     # a pass that says it modified
+    assert ctx.analysis("test_counting", fused) == first - 2 and len(CALLS) == 2  # graph edited: new version
     widened = copy.deepcopy(gm)
-    widened.fc = nn.Linear(8, 6)  # same graph, different parameter shapes
+    widened.fc = nn.Linear(8, 6)  # an edit by hand: explicit invalidation
+    ctx.invalidate(widened)
     ctx.analysis("test_counting", widened)
     assert len(CALLS) == 3
     ctx.invalidate()

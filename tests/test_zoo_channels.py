@@ -13,7 +13,8 @@ import torch
 
 import graphsel
 from graphsel.analysis.channels import analyze_channels
-from graphsel.analysis.masks import add_group_mask, oracle_forward, removal_positions
+from graphsel.analysis.masks import add_group_mask, removal_positions
+from graphsel.pipeline.oracle import oracle_forward
 from graphsel.pipeline.phases import _recorded_shapes
 from graphsel.ir.shapes import propagate_shapes
 from test_materialize import assert_requested_removals_happened

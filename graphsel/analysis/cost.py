@@ -47,10 +47,9 @@ path counted in layers (CIFAR ResNet-110: 110), ``.dag`` maps each layer to its 
 predecessors, and :func:`distributed_cost` runs the greedy list scheduling of the budgeted
 super-network paper on it.
 
-Extending: :func:`register_module_cost` for leaf modules (graphsel's own trainable modules),
-:func:`register_function_cost` for functions and tensor methods. Leaf modules and functions
-without a rule get 0 MACs (their parameters are still counted) and are listed in
-``CostReport.unknown``, never silently.
+The rules live in the operator table (``OpSpec.cost``, :mod:`graphsel.ops.costs`); a layer is
+taught with ``graphsel.register_op``. Leaf modules and functions without a rule get 0 MACs (their
+parameters are still counted) and are listed in ``CostReport.unknown``, never silently.
 """
 from __future__ import annotations
 
@@ -63,14 +62,17 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
-from graphsel.ir.graph import module_index
 from graphsel.errors import GraphselError
+from graphsel.ir.graph import module_index
+from graphsel.ir.shapes import propagate_shapes
+from graphsel.ir.tracing import as_tuple, trace
+from graphsel.ops.costs import UNKNOWN, OpCall, TensorArg
+from graphsel.ops.table import spec_of, spec_of_module
 
 __all__ = [
     "CostReport", "NodeCost", "UnknownCost", "OpCall", "TensorArg", "graph_cost", "cost", "distributed_cost",
-    "register_module_cost", "register_function_cost", "meta_model", "CostError",
+    "meta_model", "CostError",
 ]
 
 
@@ -228,77 +230,7 @@ def _fmt_extra(v: Any) -> str:
 
 
 # ================================================================================================
-# op descriptions handed to rules
-
-@dataclass(frozen=True)
-class TensorArg:
-    """A tensor argument or output of a node, as its recorded shape and dtype."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * _itemsize(self.dtype)
-
-
-class _Unknown:
-    """A non-constant, non-tensor argument (e.g. a traced ``x.size(0)``)."""
-
-    def __repr__(self):
-        return "<unknown>"
-
-
-UNKNOWN = _Unknown()
-
-
-@dataclass
-class OpCall:
-    """What a function rule sees: the node's arguments with tensors replaced by :class:`TensorArg`
-    (other traced values by ``UNKNOWN``) and its outputs."""
-
-    node: fx.Node
-    args: tuple
-    kwargs: dict
-    outputs: list[TensorArg]
-
-    @property
-    def out(self) -> TensorArg | None:
-        return self.outputs[0] if self.outputs else None
-
-    def arg(self, index: int, name: str | None = None, default: Any = None) -> Any:
-        """Positional argument ``index`` or keyword ``name``."""
-        if index < len(self.args):
-            return self.args[index]
-        if name is not None and name in self.kwargs:
-            return self.kwargs[name]
-        return default
-
-    def tensors(self) -> list[TensorArg]:
-        """Tensor arguments in order (positional, then keyword; nested lists flattened)."""
-        found: list[TensorArg] = []
-
-        def walk(v):
-            if isinstance(v, TensorArg):
-                found.append(v)
-            elif isinstance(v, (list, tuple)):
-                for x in v:
-                    walk(x)
-            elif isinstance(v, dict):
-                for x in v.values():
-                    walk(x)
-        walk(self.args)
-        walk(self.kwargs)
-        return found
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return dtype.itemsize if hasattr(dtype, "itemsize") else torch.empty((), dtype=dtype).element_size()
-
+# reading a node's shapes
 
 def _tensor_metas(tm: Any) -> list[Any]:
     """All TensorMetadata in a node's (possibly nested) tensor_meta."""
@@ -338,526 +270,6 @@ def _is_single_tensor(node: fx.Node) -> bool:
 
 
 # ================================================================================================
-# rule registries
-
-ModuleRule = Callable[[nn.Module, list, tuple], "int | dict"]
-FunctionRule = Callable[[OpCall], "int | dict"]
-
-_MODULE_RULES: dict[type, tuple[ModuleRule, str]] = {}
-_FUNCTION_RULES: dict[Any, tuple[FunctionRule, str]] = {}   # by function object
-_METHOD_RULES: dict[str, tuple[FunctionRule, str]] = {}     # by tensor method name
-_QUALNAME_RULES: dict[str, tuple[FunctionRule, str]] = {}   # by "module.function" (lazy, no import)
-_QUALNAME_MODULE_RULES: dict[str, tuple[ModuleRule, str]] = {}  # by "module.Class" (lazy, no import)
-
-
-def register_module_cost(cls: type, fn: ModuleRule, *, category: str = "module") -> None:
-    """Cost rule for a leaf module class (e.g. graphsel's dynamic group or selective convolutions).
-
-    ``fn(module, input_shapes: list[tuple[int, ...]], output_shape: tuple[int, ...]) -> int | dict``
-    returns the MACs, or ``{"macs": int, **extra}``; ``"other_flops"`` is read as such, other keys
-    (e.g. ``"dense_macs"``) are kept on the row as ``row.extra`` and shown by
-    :meth:`CostReport.table`. ``input_shapes`` are the shapes of the node's tensor arguments in
-    order, ``output_shape`` the shape of its first tensor output. Dispatch is by ``isinstance``,
-    most specific class first (a rule for a subclass wins over one for its base); registering a
-    class again replaces its rule. Parameters are counted automatically.
-    """
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"register_module_cost expects an nn.Module subclass, got {cls!r}")
-    if not callable(fn):
-        raise TypeError(f"register_module_cost: the rule for {cls.__name__} must be callable, got {fn!r}")
-    _MODULE_RULES[cls] = (fn, category)
-
-
-def register_function_cost(target: Callable | str, fn: FunctionRule, *, category: str = "module") -> None:
-    """Cost rule for a function (``call_function`` target, e.g. one wrapped with ``torch.fx.wrap``)
-    or, given a string, a tensor method name (``call_method``). ``fn(call: OpCall) -> int | dict``
-    as for :func:`register_module_cost`."""
-    if not callable(fn):
-        raise TypeError(f"register_function_cost: rule must be callable, got {fn!r}")
-    if isinstance(target, str):
-        _METHOD_RULES[target] = (fn, category)
-    elif callable(target):
-        _FUNCTION_RULES[target] = (fn, category)
-    else:
-        raise TypeError(f"register_function_cost: target must be a function or a method name, got {target!r}")
-
-
-def _module_rule(m: nn.Module) -> tuple[ModuleRule, str] | None:
-    for klass in type(m).__mro__:
-        if klass in _MODULE_RULES:
-            return _MODULE_RULES[klass]
-        hit = _QUALNAME_MODULE_RULES.get(f"{klass.__module__}.{klass.__qualname__}")
-        if hit is not None:
-            return hit
-    return None
-
-
-def _function_rule(node: fx.Node) -> tuple[FunctionRule, str] | None:
-    t = node.target
-    if node.op == "call_method":
-        return _METHOD_RULES.get(t)
-    try:
-        hit = _FUNCTION_RULES.get(t)
-    except TypeError:  # unhashable target
-        hit = None
-    if hit is None:
-        qual = f"{getattr(t, '__module__', '')}.{getattr(t, '__name__', '')}"
-        hit = _QUALNAME_RULES.get(qual)
-    return hit
-
-
-# ================================================================================================
-# built-in rules
-
-def _ntuple(v: Any, n: int) -> tuple[int, ...]:
-    return tuple(v) if isinstance(v, (list, tuple)) else (int(v),) * n
-
-
-def _spatial_dims(m: nn.Module, default: int = 2) -> int:
-    name = type(m).__name__
-    for d in (1, 2, 3):
-        if f"{d}d" in name:
-            return d
-    return default
-
-
-# -- convolution / linear ----------------------------------------------------------------------
-
-def _conv_macs(in_shape, out_shape, weight_shape, transposed: bool, groups: int) -> int:
-    # weight: (C_out, C_in/groups, *k) for conv, (C_in, C_out/groups, *k) for transposed conv
-    k = math.prod(weight_shape[2:])
-    if transposed:
-        return math.prod(in_shape) * weight_shape[1] * k
-    return math.prod(out_shape) * weight_shape[1] * k
-
-
-def _conv_module(m, ins, out):
-    w = tuple(m.weight.shape)
-    d = {"macs": _conv_macs(ins[0], out, w, m.transposed, m.groups)}
-    if m.bias is not None:
-        d["other_flops"] = math.prod(out)
-    return d
-
-
-def _linear_module(m, ins, out):
-    d = {"macs": math.prod(out) * m.in_features}
-    if m.bias is not None:
-        d["other_flops"] = math.prod(out)
-    return d
-
-
-def _bilinear_module(m, ins, out):
-    return {"macs": math.prod(out) * m.in1_features * m.in2_features,
-            "other_flops": math.prod(out) if m.bias is not None else 0}
-
-
-def _conv_function(call: OpCall):
-    x, w = call.arg(0, "input"), call.arg(1, "weight")
-    if not isinstance(x, TensorArg) or not isinstance(w, TensorArg) or call.out is None:
-        return None
-    name = getattr(call.node.target, "__name__", "")
-    transposed = "transpose" in name
-    d = {"macs": _conv_macs(x.shape, call.out.shape, w.shape, transposed, 1)}
-    if isinstance(call.arg(2, "bias"), TensorArg):
-        d["other_flops"] = call.out.numel
-    return d
-
-
-def _linear_function(call: OpCall):
-    w = call.arg(1, "weight")
-    if not isinstance(w, TensorArg) or call.out is None:
-        return None
-    d = {"macs": call.out.numel * w.shape[-1]}
-    if isinstance(call.arg(2, "bias"), TensorArg):
-        d["other_flops"] = call.out.numel
-    return d
-
-
-def _matmul_function(call: OpCall):
-    """matmul, mm, bmm, @: numel(out) × contracted size (the last dim of the first operand)."""
-    a = call.arg(0, "input")
-    if call.out is None or not isinstance(a, TensorArg) or not a.shape:
-        return None
-    return {"macs": call.out.numel * a.shape[-1]}
-
-
-def _addmm_function(call: OpCall):
-    """addmm(bias, a, b), baddbmm(bias, a, b): MACs of a @ b; the add is an other FLOP."""
-    a = call.arg(1, "mat1")
-    if a is None:
-        a = call.kwargs.get("batch1")
-    if call.out is None or not isinstance(a, TensorArg):
-        return None
-    return {"macs": call.out.numel * a.shape[-1], "other_flops": call.out.numel}
-
-
-def _einsum_function(call: OpCall):
-    eq = call.arg(0, "equation")
-    ops = call.tensors()
-    if not isinstance(eq, str) or call.out is None or not ops:
-        return None
-    eq = eq.replace(" ", "")
-    lhs, _, rhs = eq.partition("->")
-    terms = lhs.split(",")
-    if len(terms) != len(ops):
-        return None
-    sizes: dict[str, int] = {}
-    for term, t in zip(terms, ops):
-        letters = [c for c in term if c.isalpha()]
-        if "..." in term:  # letters align from both ends around the ellipsis
-            head, tail = term.split("...")
-            for c, s in zip(head, t.shape):
-                sizes[c] = s
-            for c, s in zip(reversed(tail), reversed(t.shape)):
-                sizes[c] = s
-        else:
-            for c, s in zip(letters, t.shape):
-                sizes[c] = s
-    if not rhs and "->" not in eq:  # implicit output: letters that appear once, sorted
-        counts = {c: lhs.count(c) for c in sizes}
-        rhs = "".join(sorted(c for c, n in counts.items() if n == 1))
-    summed = [c for c in sizes if c not in rhs]
-    if len(ops) == 1:
-        return {"other_flops": ops[0].numel}
-    return {"macs": call.out.numel * math.prod(sizes[c] for c in summed)}
-
-
-def _sdpa_function(call: OpCall):
-    q, k, v = call.arg(0, "query"), call.arg(1, "key"), call.arg(2, "value")
-    if not all(isinstance(t, TensorArg) for t in (q, k, v)):
-        return None
-    batch = math.prod(call.out.shape[:-2]) if call.out is not None else math.prod(q.shape[:-2])
-    L, E = q.shape[-2], q.shape[-1]
-    S, Ev = k.shape[-2], v.shape[-1]
-    return {"macs": batch * L * S * (E + Ev), "other_flops": 3 * batch * L * S}
-
-
-def _attention_macs(n: int, lq: int, lk: int, e: int, kdim: int, vdim: int) -> int:
-    """MACs of multi-head attention with projections: n sequences, lq queries, lk keys, embedding e
-    (the heads split e, so QKᵀ and AV cost n·lq·lk·e each whatever the number of heads)."""
-    projections = n * lq * e * e + n * lk * kdim * e + n * lk * vdim * e + n * lq * e * e
-    return projections + 2 * n * lq * lk * e
-
-
-def _mha_module(m: nn.MultiheadAttention, ins, out):
-    if not ins:
-        return None
-    q = ins[0]
-    k = ins[1] if len(ins) > 1 else q
-    if len(q) == 2:  # unbatched (L, E)
-        n, lq, lk = 1, q[0], k[0]
-    elif m.batch_first:
-        n, lq, lk = q[0], q[1], k[1]
-    else:
-        n, lq, lk = q[1], q[0], k[0]
-    macs = _attention_macs(n, lq, lk, m.embed_dim, m.kdim, m.vdim)
-    other = 3 * n * m.num_heads * lq * lk
-    if m.in_proj_bias is not None:
-        other += n * (lq + 2 * lk) * m.embed_dim
-    if m.out_proj.bias is not None:
-        other += n * lq * m.embed_dim
-    return {"macs": macs, "other_flops": other}
-
-
-def _tokens(shape: tuple, batch_first: bool) -> tuple[int, int]:
-    """(batch, length) of an (L, N, E) / (N, L, E) / (L, E) sequence."""
-    if len(shape) == 2:
-        return 1, shape[0]
-    return (shape[0], shape[1]) if batch_first else (shape[1], shape[0])
-
-
-def _encoder_layer_cost(m: nn.TransformerEncoderLayer, shape: tuple) -> tuple[int, int]:
-    n, l = _tokens(shape, m.self_attn.batch_first)
-    sa = _mha_module(m.self_attn, [shape, shape, shape], shape)
-    ff_dim = m.linear1.out_features
-    e = m.linear1.in_features
-    macs = sa["macs"] + 2 * n * l * e * ff_dim
-    # biases of the two linears, the activation, two LayerNorms, two residual adds
-    other = sa["other_flops"] + n * l * (ff_dim + e) + n * l * ff_dim + 2 * (5 * n * l * e) + 2 * n * l * e
-    return macs, other
-
-
-def _decoder_layer_cost(m: nn.TransformerDecoderLayer, tgt: tuple, memory: tuple) -> tuple[int, int]:
-    n, lt = _tokens(tgt, m.self_attn.batch_first)
-    _, lm = _tokens(memory, m.self_attn.batch_first)
-    sa = _mha_module(m.self_attn, [tgt, tgt, tgt], tgt)
-    ca = _mha_module(m.multihead_attn, [tgt, memory, memory], tgt)
-    ff_dim, e = m.linear1.out_features, m.linear1.in_features
-    macs = sa["macs"] + ca["macs"] + 2 * n * lt * e * ff_dim
-    other = sa["other_flops"] + ca["other_flops"] + n * lt * (2 * ff_dim + e) + 3 * (5 * n * lt * e) + 3 * n * lt * e
-    return macs, other
-
-
-def _encoder_layer_module(m, ins, out):
-    macs, other = _encoder_layer_cost(m, ins[0])
-    return {"macs": macs, "other_flops": other}
-
-
-def _encoder_module(m: nn.TransformerEncoder, ins, out):
-    macs = other = 0
-    for layer in m.layers:
-        a, b = _encoder_layer_cost(layer, ins[0])
-        macs, other = macs + a, other + b
-    if m.norm is not None:
-        other += 5 * math.prod(ins[0])
-    return {"macs": macs, "other_flops": other}
-
-
-def _decoder_layer_module(m, ins, out):
-    macs, other = _decoder_layer_cost(m, ins[0], ins[1] if len(ins) > 1 else ins[0])
-    return {"macs": macs, "other_flops": other}
-
-
-def _decoder_module(m: nn.TransformerDecoder, ins, out):
-    macs = other = 0
-    for layer in m.layers:
-        a, b = _decoder_layer_cost(layer, ins[0], ins[1] if len(ins) > 1 else ins[0])
-        macs, other = macs + a, other + b
-    if m.norm is not None:
-        other += 5 * math.prod(ins[0])
-    return {"macs": macs, "other_flops": other}
-
-
-def _transformer_module(m: nn.Transformer, ins, out):
-    src, tgt = ins[0], ins[1] if len(ins) > 1 else ins[0]
-    enc = _encoder_module(m.encoder, [src], src)
-    dec = _decoder_module(m.decoder, [tgt, src], tgt)
-    return {"macs": enc["macs"] + dec["macs"], "other_flops": enc["other_flops"] + dec["other_flops"]}
-
-
-# -- element-wise, norms, pooling ------------------------------------------------------------------
-
-def _per_output_element(factor: int):
-    """``factor`` other FLOPs per output element; usable as a module rule (module, input_shapes,
-    output_shape) and as a function rule (call)."""
-    def rule(*a):
-        out = a[2] if len(a) == 3 else (a[0].out.shape if a[0].out is not None else None)
-        return {"other_flops": factor * math.prod(out)} if out is not None else {}
-    return rule
-
-
-def _per_input_element(factor: int = 1):
-    def module_rule(m, ins, out):
-        return {"other_flops": factor * math.prod(ins[0])} if ins else {}
-
-    def function_rule(call: OpCall):
-        ts = call.tensors()
-        return {"other_flops": factor * ts[0].numel} if ts else {}
-    return module_rule, function_rule
-
-
-def _free(*a):
-    return {}
-
-
-def _pool_module(m, ins, out):
-    nd = _spatial_dims(m)
-    k = _ntuple(m.kernel_size, nd)
-    return {"other_flops": math.prod(out) * math.prod(k)}
-
-
-def _pool_function(call: OpCall):
-    if call.out is None:
-        return None
-    name = getattr(call.node.target, "__name__", "")
-    nd = 3 if "3d" in name else 1 if "1d" in name else 2
-    k = _ntuple(call.arg(1, "kernel_size", 1), nd)
-    return {"other_flops": call.out.numel * math.prod(k)}
-
-
-def _lrn_module(m, ins, out):
-    return {"other_flops": (m.size + 3) * math.prod(out)}
-
-
-def _interp_cost(out_numel: int, mode: str, nd: int) -> int:
-    return out_numel * (2 ** nd if mode in ("linear", "bilinear", "trilinear", "bicubic") else 1)
-
-
-def _upsample_module(m, ins, out):
-    return {"other_flops": _interp_cost(math.prod(out), m.mode, len(out) - 2)}
-
-
-def _interpolate_function(call: OpCall):
-    if call.out is None:
-        return None
-    return {"other_flops": _interp_cost(call.out.numel, call.arg(4, "mode", "nearest") or "nearest",
-                                        len(call.out.shape) - 2)}
-
-
-def _swin_window_attention(call: OpCall):
-    """torchvision's ``shifted_window_attention`` (kept opaque by ``torch.fx.wrap``)."""
-    x, qkv_w, proj_w = call.arg(0, "input"), call.arg(1, "qkv_weight"), call.arg(2, "proj_weight")
-    ws = call.arg(4, "window_size")
-    heads = call.arg(5, "num_heads")
-    if not (isinstance(x, TensorArg) and isinstance(qkv_w, TensorArg) and isinstance(ws, (list, tuple))
-            and isinstance(heads, int)):
-        return None
-    b, h, w, c = x.shape
-    ph = -(-h // ws[0]) * ws[0]
-    pw = -(-w // ws[1]) * ws[1]
-    tokens, n = b * ph * pw, ws[0] * ws[1]
-    macs = tokens * c * qkv_w.shape[0] + 2 * tokens * n * c + tokens * c * proj_w.shape[0]
-    other = 3 * tokens * heads * n + tokens * heads * n  # softmax + bias add
-    return {"macs": macs, "other_flops": other}
-
-
-def _swin_attention_module(m, ins, out):
-    """torchvision's ``ShiftedWindowAttention[V2]`` kept as a leaf: the same cost as the function,
-    plus V2's continuous position-bias MLP over the (2·w₀−1)(2·w₁−1) relative-coordinate table."""
-    b, h, w, c = ins[0]
-    ws = m.window_size
-    ph, pw = -(-h // ws[0]) * ws[0], -(-w // ws[1]) * ws[1]
-    tokens, n = b * ph * pw, ws[0] * ws[1]
-    macs = tokens * c * m.qkv.out_features + 2 * tokens * n * c + tokens * c * m.proj.out_features
-    mlp = getattr(m, "cpb_mlp", None)
-    if mlp is not None:
-        table = (2 * ws[0] - 1) * (2 * ws[1] - 1)
-        macs += sum(table * layer.in_features * layer.out_features for layer in mlp if isinstance(layer, nn.Linear))
-    return {"macs": macs, "other_flops": 4 * tokens * m.num_heads * n}
-
-
-def _relative_mha_module(m, ins, out):
-    """torchvision MaxViT's ``RelativePositionalMultiHeadAttention`` on [B, G, P, D]."""
-    b, g, p, d = ins[0]
-    inner = m.n_heads * m.head_dim
-    macs = b * g * p * (d * 3 * inner + inner * d) + 2 * b * g * m.n_heads * p * p * m.head_dim
-    return {"macs": macs, "other_flops": 4 * b * g * m.n_heads * p * p}
-
-
-# -- registration tables -----------------------------------------------------------------------------
-
-_ACTIVATION_NAMES = [
-    "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "selu_", "celu", "celu_", "gelu",
-    "silu", "mish", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardtanh", "hardtanh_", "hardswish", "hardsigmoid",
-    "softplus", "softsign", "logsigmoid", "tanhshrink", "threshold", "threshold_", "glu", "prelu", "rrelu",
-]
-_ELEMENTWISE_NAMES = [
-    "add", "add_", "iadd", "sub", "sub_", "isub", "rsub", "mul", "mul_", "imul", "div", "div_", "truediv", "itruediv",
-    "floordiv", "floor_divide", "neg", "pow", "pow_", "sqrt", "rsqrt", "exp", "exp_", "log", "log_", "abs", "clamp",
-    "clamp_", "clip", "clamp_min", "clamp_max", "where", "masked_fill", "masked_fill_", "maximum", "minimum", "sign",
-    "erf", "sin", "cos", "reciprocal", "square", "lerp", "addcmul", "addcdiv", "fmod", "remainder", "mod",
-    "stochastic_depth", "drop_block2d", "drop_block3d", "eq", "ne", "lt", "le", "gt", "ge", "logical_not",
-    "logical_and", "logical_or", "bitwise_and", "bitwise_or", "invert", "not_", "and_", "or_", "xor",
-]
-_REDUCE_NAMES = ["mean", "sum", "amax", "amin", "max", "min", "std", "var", "prod", "norm", "logsumexp", "argmax",
-                 "argmin", "cumsum", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
-                 "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "topk", "sort"]
-_VIEW_NAMES = [
-    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand",
-    "expand_as", "narrow", "chunk", "split", "unbind", "getitem", "size", "dim", "detach", "view_as", "reshape_as",
-    "movedim", "swapaxes", "swapdims", "as_strided", "select", "unfold", "dropout", "dropout1d", "dropout2d",
-    "dropout3d", "alpha_dropout", "feature_alpha_dropout", "getattr", "numel", "type", "tensor_split", "_assert",
-    "split_with_sizes", "identity", "real", "imag", "conj",
-]
-_MEMORY_NAMES = [
-    "cat", "concat", "concatenate", "stack", "hstack", "vstack", "pad", "roll", "clone", "repeat", "tile",
-    "repeat_interleave", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "zeros", "ones", "empty",
-    "full", "zeros_like", "ones_like", "empty_like", "full_like", "rand", "randn", "rand_like", "randn_like",
-    "arange", "linspace", "gather", "index_select", "take_along_dim", "flip", "to", "float", "half", "double",
-    "bfloat16", "int", "long", "bool", "type_as", "channel_shuffle", "pixel_shuffle", "pixel_unshuffle", "embedding",
-    "one_hot", "tril", "triu", "meshgrid", "scatter", "index_put", "masked_select", "nonzero", "bernoulli",
-    "bernoulli_", "zero_", "fill_", "copy_", "contiguous", "_get_relative_position_bias", "_patch_merging_pad", "tensor",
-    "as_tensor", "broadcast_to", "diag", "outer",
-]
-_NORM_FUNCTIONS = {"batch_norm": 2, "layer_norm": 5, "group_norm": 5, "instance_norm": 5, "rms_norm": 4,
-                   "normalize": 3, "local_response_norm": 5}
-
-# function namespaces searched for the names above (call_function targets are these objects)
-_NAMESPACES = (torch, F, operator, torch.special, torch.linalg)
-
-_INPLACE_NAMES = {n for n in _ACTIVATION_NAMES + _ELEMENTWISE_NAMES + _MEMORY_NAMES
-                  if n.endswith("_") and not n.startswith("_")} | {"iadd", "isub", "imul", "itruediv"}
-
-
-def _register_names(names: Iterable[str], rule: FunctionRule, category: str) -> None:
-    for name in names:
-        _METHOD_RULES.setdefault(name, (rule, category))
-        for ns in _NAMESPACES:
-            obj = getattr(ns, name, None)
-            if obj is not None and callable(obj) and not isinstance(obj, type):
-                try:
-                    _FUNCTION_RULES.setdefault(obj, (rule, category))
-                except TypeError:
-                    pass
-
-
-def _install_builtin_rules() -> None:
-    M = nn.modules
-    reg = register_module_cost
-    reg(M.conv._ConvNd, _conv_module, category="conv")
-    reg(nn.Linear, _linear_module, category="linear")
-    reg(nn.Bilinear, _bilinear_module, category="linear")
-    reg(nn.MultiheadAttention, _mha_module, category="attention")
-    reg(nn.TransformerEncoderLayer, _encoder_layer_module, category="attention")
-    reg(nn.TransformerEncoder, _encoder_module, category="attention")
-    reg(nn.TransformerDecoderLayer, _decoder_layer_module, category="attention")
-    reg(nn.TransformerDecoder, _decoder_module, category="attention")
-    reg(nn.Transformer, _transformer_module, category="attention")
-    for cls in (M.batchnorm._BatchNorm,):
-        reg(cls, _per_output_element(2), category="norm")
-    for cls in (M.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm):
-        reg(cls, _per_output_element(5), category="norm")
-    if hasattr(nn, "RMSNorm"):
-        reg(nn.RMSNorm, _per_output_element(4), category="norm")
-    reg(nn.LocalResponseNorm, _lrn_module, category="norm")
-    reg(nn.CrossMapLRN2d, _lrn_module, category="norm")
-    for cls in (M.pooling._MaxPoolNd, M.pooling._AvgPoolNd, M.pooling._LPPoolNd):
-        reg(cls, _pool_module, category="pool")
-    adaptive, _ = _per_input_element(1)
-    for cls in (M.pooling._AdaptiveAvgPoolNd, M.pooling._AdaptiveMaxPoolNd):
-        reg(cls, adaptive, category="pool")
-    for cls in (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-                nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
-                nn.Tanhshrink, nn.Threshold, nn.GLU, nn.LogSigmoid, nn.Hardshrink, nn.Softshrink):
-        reg(cls, _per_output_element(1), category="activation")
-    for cls in (nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d):
-        reg(cls, _per_output_element(3), category="activation")
-    for cls in (M.dropout._DropoutNd, nn.Identity, nn.Flatten, nn.Unflatten):
-        reg(cls, _free, category="view")
-    for cls in (M.padding._ConstantPadNd, M.padding._ReflectionPadNd, M.padding._ReplicationPadNd,
-                nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.Embedding):
-        reg(cls, _free, category="memory")
-    if hasattr(M.padding, "_CircularPadNd"):
-        reg(M.padding._CircularPadNd, _free, category="memory")
-    reg(nn.Upsample, _upsample_module, category="pool")
-
-    _register_names(_ACTIVATION_NAMES, _per_output_element(1), "activation")
-    _register_names(["softmax", "log_softmax", "softmin"], _per_output_element(3), "activation")
-    _register_names(_ELEMENTWISE_NAMES, _per_output_element(1), "elementwise")
-    _, reduce_fn = _per_input_element(1)
-    _register_names(_REDUCE_NAMES, reduce_fn, "reduce")
-    _register_names(_VIEW_NAMES, _free, "view")
-    _register_names(_MEMORY_NAMES, _free, "memory")
-    for name, factor in _NORM_FUNCTIONS.items():
-        _register_names([name], _per_output_element(factor), "norm")
-    _register_names(["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"],
-                    _conv_function, "conv")
-    _register_names(["linear"], _linear_function, "linear")
-    _register_names(["matmul", "mm", "bmm", "imatmul"], _matmul_function, "matmul")
-    _register_names(["addmm", "baddbmm"], _addmm_function, "matmul")
-    _register_names(["einsum"], _einsum_function, "matmul")
-    _register_names(["scaled_dot_product_attention"], _sdpa_function, "attention")
-    _register_names(["max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-                     "lp_pool1d", "lp_pool2d"], _pool_function, "pool")
-    _register_names(["interpolate", "upsample", "upsample_bilinear", "upsample_nearest"], _interpolate_function,
-                    "pool")
-    _QUALNAME_RULES["torchvision.models.swin_transformer.shifted_window_attention"] = (_swin_window_attention,
-                                                                                       "attention")
-    for cls in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2"):
-        _QUALNAME_MODULE_RULES[f"torchvision.models.swin_transformer.{cls}"] = (_swin_attention_module, "attention")
-    _QUALNAME_MODULE_RULES["torchvision.models.maxvit.RelativePositionalMultiHeadAttention"] = (
-        _relative_mha_module, "attention")
-    _QUALNAME_RULES["torchvision.ops.stochastic_depth.stochastic_depth"] = (_per_output_element(1), "elementwise")
-    _QUALNAME_RULES["torchvision.models.swin_transformer._get_relative_position_bias"] = (_free, "memory")
-    _QUALNAME_RULES["torchvision.models.swin_transformer._patch_merging_pad"] = (_free, "memory")
-
-
-_install_builtin_rules()
-
-_ALIAS_CATEGORIES = {"view"}
-
-
-# ================================================================================================
 # the graph walk
 
 def _node_target_name(node: fx.Node) -> str:
@@ -879,11 +291,14 @@ def _module_path_of(node: fx.Node) -> str:
     return ""
 
 
+_INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv"}
+
+
 def _is_inplace(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return bool(getattr(modules[node.target], "inplace", False))
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    if name in _INPLACE_NAMES:
+    if (name.endswith("_") and not name.startswith("_")) or name in _INPLACE_OPERATORS:
         return True
     return bool(node.kwargs.get("inplace", False))
 
@@ -932,25 +347,26 @@ def _cost_node(node: fx.Node, modules: Mapping[str, nn.Module],
     if node.op == "call_module":
         m = modules[node.target]
         row.kind = type(m).__name__
-        found = _module_rule(m)
-        if found is None:
+        spec = spec_of_module(m)
+        if spec is None or spec.cost is None:
             problem = UnknownCost(node.name, f"{type(m).__module__}.{type(m).__qualname__}",
                                   f"leaf module '{node.target}' ({type(m).__qualname__}) has no cost rule; "
-                                  f"register one with graphsel.analysis.cost.register_module_cost")
+                                  f"register one with graphsel.register_op({type(m).__qualname__}, OpSpec(cost=...))")
         else:
-            rule, category = found
+            rule, category = spec.cost, spec.category
             call = OpCall(node, _substitute(node.args, outs_of), _substitute(node.kwargs, outs_of), outs)
             in_shapes = [t.shape for t in call.tensors()]
             # a module without a tensor output has nothing to cost (registered rules still run)
             result = rule(m, in_shapes, out_shape) if out_shape is not None or category == "module" else {}
     else:
         row.kind = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
-        found = _function_rule(node)
+        spec = spec_of(node, modules)
+        found = (spec.cost, spec.category) if spec is not None and spec.cost is not None else None
         if not outs and (found is None or found[1] != "module"):
             category = "scalar"  # shape arithmetic, asserts: no tensor, no cost
         elif found is None:
             problem = UnknownCost(node.name, row.target, f"{node.op} '{row.target}' has no cost rule; register "
-                                                         f"one with graphsel.analysis.cost.register_function_cost")
+                                                         f"one with graphsel.register_op(target, OpSpec(cost=...))")
         else:
             rule, category = found
             result = rule(OpCall(node, _substitute(node.args, outs_of), _substitute(node.kwargs, outs_of), outs))
@@ -1047,7 +463,7 @@ def _allocates(node: fx.Node, modules: Mapping[str, nn.Module], category_of: dic
     if node.op not in ("call_module", "call_function", "call_method"):
         return False
     cat = category_of.get(node, "")
-    if cat in _ALIAS_CATEGORIES or cat == "scalar":
+    if cat in ("view", "scalar"):                      # views alias their input
         return False
     if node.target is operator.getitem:  # basic indexing is a view; a tensor index gathers (copies)
         return _is_single_tensor(node.args[0]) and any(
@@ -1173,17 +589,14 @@ def cost(model_or_gm: nn.Module, example_inputs: Any = None) -> CostReport:
     inferred for image classifiers when omitted), or a GraphModule as is (its shapes are
     re-propagated when ``example_inputs`` are given). Works with modules and inputs on the
     ``meta`` device. ``.params`` counts every parameter of ``model_or_gm``."""
-    from graphsel.ir.shapes import propagate_shapes
-    from graphsel.ir.tracing import _as_tuple, trace
-
     if not isinstance(model_or_gm, nn.Module):
         raise TypeError(f"graphsel.cost expects a torch.nn.Module or a GraphModule, got {type(model_or_gm).__name__}")
     if isinstance(model_or_gm, fx.GraphModule):
         if example_inputs is not None:
-            propagate_shapes(model_or_gm, _as_tuple(example_inputs))
+            propagate_shapes(model_or_gm, as_tuple(example_inputs))
         return graph_cost(model_or_gm)
     model = model_or_gm
-    arity = len(_as_tuple(example_inputs) or (None,))
+    arity = len(as_tuple(example_inputs) or (None,))
     if _is_torch_leaf(model) and arity <= 3:
         # a bare torch.nn layer: its own forward may branch on arguments (ConvTranspose2d's
         # output_size); wrapped, it is one call_module node like anywhere else

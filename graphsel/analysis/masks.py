@@ -11,10 +11,11 @@ A mask says which channels do not exist. Two kinds, both stored in the graph's m
   and discrimination-aware selection produce). Consumers are conv (groups = 1) and linear modules;
   positions are their input channels / input features.
 
-**Reference semantics** (:func:`oracle_forward`): run the graph with every removed channel forced
-to zero at every position of its class, consumer-masked inputs zeroed for that consumer only, and
-ops that reduce over channels (LayerNorm / GroupNorm / softmax / mean over channels) computed on
-the kept channels only. ``FoldMasks`` and ``Materialize`` are verified against it.
+**Reference semantics** (the mask oracle, :mod:`graphsel.pipeline.oracle`): run the graph with
+every removed channel forced to zero at every position of its class, consumer-masked inputs
+zeroed for that consumer only, and ops that reduce over channels (LayerNorm / GroupNorm /
+softmax / mean over channels) computed on the kept channels only. ``FoldMasks`` and
+``Materialize`` are verified against it.
 
 A mask that removes every channel of a source is an error (remove the layer instead); so is a
 mask on a frozen class (the error names the barrier that froze it).
@@ -22,7 +23,6 @@ mask on a frozen class (the error names the barrier that froze it).
 from __future__ import annotations
 
 import difflib
-import weakref
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -30,13 +30,11 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
-from graphsel.analysis.channels import ChannelAnalysis, TensorVal, analyze_channels, segment_sums
-from graphsel.pipeline.context import graph_fingerprint
+from graphsel.analysis.channels import ChannelAnalysis, analyze_channels, segment_sums
 from graphsel.errors import MaskError
 from graphsel.ir.meta import graphsel_meta
-from graphsel.ops.slicing import slice_per_channel
+from graphsel.ops.channel import TensorVal
 
 _CONSUMER_KINDS = ("conv_in", "linear_in")
 
@@ -110,10 +108,8 @@ class ResolvedMasks:
     analysis: ChannelAnalysis
     removed_classes: set[int]
     consumer_keep: dict[str, np.ndarray]       # reader node name -> bool keep per input position
-    # derived once, on first use: the removed classes as a class_lookup table, and the oracle's
-    # per-node plan (:class:`OracleInterpreter`) with the graph it was made for
+    # the removed classes as a class_lookup table, made on first use
     _removed_table: np.ndarray | None = field(default=None, repr=False, compare=False)
-    _oracle_plan: tuple | None = field(default=None, repr=False, compare=False)
 
     def keep_of(self, v: TensorVal) -> np.ndarray:
         """Bool keep per position of a tensor value (True where its class survives)."""
@@ -131,22 +127,14 @@ def _closest(name: str, names: Iterable[str]) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-_CACHE: "weakref.WeakKeyDictionary[fx.GraphModule, tuple]" = weakref.WeakKeyDictionary()
-
-
 def resolve_masks(gm: fx.GraphModule, masks: ChannelMasks | None = None,
-                  analysis: ChannelAnalysis | None = None, *, fingerprint: int | None = None) -> ResolvedMasks:
-    """Map masks onto channel classes, checking them (unknown modules, out-of-range positions,
-    frozen classes, sources left without channels all raise :class:`MaskError`). ``fingerprint``:
-    ``graph_fingerprint(gm)``, when the caller has it."""
+                  analysis: ChannelAnalysis | None = None) -> ResolvedMasks:
+    """Map masks (default: ``gm``'s) onto channel classes, checking them (unknown modules,
+    out-of-range positions, frozen classes, sources left without channels all raise
+    :class:`MaskError`). Inside a pipeline, ``ctx.analysis("resolved_masks", gm, key=masks.key())``
+    gives the same, cached."""
     masks = masks if masks is not None else (graphsel_meta(gm).masks or ChannelMasks())
-    key = (graph_fingerprint(gm) if fingerprint is None else fingerprint, *masks.key())
-    hit = _CACHE.get(gm)
-    if hit is not None and hit[0] == key and (analysis is None or hit[1].analysis is analysis):
-        return hit[1]
-    res = _resolve(gm, masks, analysis)
-    _CACHE[gm] = (key, res)
-    return res
+    return _resolve(gm, masks, analysis)
 
 
 def _resolve(gm: fx.GraphModule, masks: ChannelMasks, analysis: ChannelAnalysis | None) -> ResolvedMasks:
@@ -267,122 +255,3 @@ def removal_positions(a: ChannelAnalysis, classes: set[int]) -> dict[str, set[in
         if len(hit):
             out.setdefault(a.source_name(node_name), set()).update(hit.tolist())
     return out
-
-
-# ------------------------------------------------------------------------------------------
-# oracle
-
-
-class OracleInterpreter(fx.Interpreter):
-    """Runs a graph under mask semantics (see the module docstring); keeps node outputs in ``captured``
-    when ``capture`` is set."""
-
-    def __init__(self, gm: fx.GraphModule, resolved: ResolvedMasks, capture: bool = False):
-        super().__init__(gm)
-        self.capture = capture
-        self.captured: dict[str, torch.Tensor] = {}
-        plan = resolved._oracle_plan
-        if plan is None or plan[0]() is not gm.graph:      # made once per graph and masks
-            # (a weak reference: resolved masks live in a cache weakly keyed by the module, so
-            # they must not keep its graph alive)
-            plan = resolved._oracle_plan = (weakref.ref(gm.graph), *self._plan(gm, resolved))
-        _, self.zero, self.reduce, self.consumer = plan
-
-    @staticmethod
-    def _plan(gm: fx.GraphModule, resolved: ResolvedMasks) -> tuple[dict, dict, dict]:
-        """Which node outputs are zeroed, which channel-reducing nodes run on the kept channels,
-        which consumers read masked inputs (node name -> dim, keep flags or positions)."""
-        a = resolved.analysis
-        zero: dict[str, tuple[int, torch.Tensor]] = {}
-        reduce: dict[str, tuple[int, torch.Tensor, bool]] = {}
-        consumer: dict[str, tuple[int, torch.Tensor]] = {}
-        if resolved.removed_classes:
-            for name, k, t in a.channel_tensors():
-                keep = resolved.keep_of(t)
-                if not keep.all():
-                    zero[name if k is None else f"{name}#{k}"] = (t.dim, torch.from_numpy(keep))
-            nodes = {n.name: n for n in gm.graph.nodes}
-            for r in a.readers:
-                if r.kind == "reduce":
-                    node = nodes[r.node]
-                    x = a.values[node.args[0].name] if node.args and isinstance(node.args[0], fx.Node) else None
-                    if isinstance(x, TensorVal) and x.has_channels:
-                        keep = resolved.keep_of(x)
-                        if not keep.all():
-                            reduce[r.node] = (x.dim, torch.from_numpy(np.flatnonzero(keep)), r.keeps_channels)
-        for r in a.readers:
-            if r.node in resolved.consumer_keep:
-                dim = 1 if r.kind == "conv_in" else -1
-                consumer[r.node] = (dim, torch.from_numpy(resolved.consumer_keep[r.node]))
-        return zero, reduce, consumer
-
-    @staticmethod
-    def _mask(t: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Tensor:
-        shape = [1] * t.dim()
-        shape[dim] = -1
-        return torch.where(keep.to(t.device).view(shape), t, torch.zeros((), dtype=t.dtype, device=t.device))
-
-    def run_node(self, n: fx.Node):
-        if n.name in self.reduce:
-            out = self._run_on_kept(n, *self.reduce[n.name])
-        elif n.name in self.consumer:
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            dim, keep = self.consumer[n.name]
-            args = (self._mask(args[0], dim, keep),) + tuple(args[1:])
-            out = getattr(self, n.op)(n.target, args, kwargs)
-        else:
-            out = super().run_node(n)
-        if n.name in self.zero and isinstance(out, torch.Tensor):
-            out = self._mask(out, *self.zero[n.name])
-        elif isinstance(out, (tuple, list)) and any(f"{n.name}#{k}" in self.zero for k in range(len(out))):
-            out = type(out)(self._mask(o, *self.zero[f"{n.name}#{k}"]) if f"{n.name}#{k}" in self.zero else o
-                            for k, o in enumerate(out))
-        if self.capture and isinstance(out, torch.Tensor):
-            self.captured[n.name] = out.detach()
-        return out
-
-    def _run_on_kept(self, n: fx.Node, dim: int, keep: torch.Tensor, keeps_channels: bool):
-        args, kwargs = self.fetch_args_kwargs_from_env(n)
-        x = args[0]
-        c = x.shape[dim]
-        keep = keep.to(x.device)
-        xk = x.index_select(dim, keep)
-        k = len(keep)
-        if n.op == "call_module":
-            m = self.fetch_attr(n.target)
-            if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
-                              nn.modules.instancenorm._InstanceNorm, nn.PReLU)):
-                m = slice_per_channel(m, keep)
-            out = m(xk, *args[1:], **kwargs)
-        else:
-            rest = []
-            for v in args[1:]:
-                if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == c:
-                    v = v.index_select(0, keep)
-                rest.append(v)
-            if n.target is F.layer_norm:
-                rest[0] = (k,)
-            kw = {key: (v.index_select(0, keep) if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == c else v)
-                  for key, v in kwargs.items()}
-            if n.target is F.layer_norm and "normalized_shape" in kw:
-                kw["normalized_shape"] = (k,)
-            if n.op == "call_function":
-                out = n.target(xk, *rest, **kw)
-            else:
-                out = getattr(xk, n.target)(*rest, **kw)
-        if keeps_channels and isinstance(out, torch.Tensor) and out.dim() == x.dim() and out.shape[dim] == k:
-            full_shape = list(out.shape)
-            full_shape[dim] = c
-            full = out.new_zeros(full_shape)
-            return full.index_copy(dim, keep, out)
-        return out
-
-
-def oracle_interpreter(gm: fx.GraphModule, resolved: ResolvedMasks | None = None) -> OracleInterpreter:
-    """An interpreter that captures node outputs under mask semantics."""
-    return OracleInterpreter(gm, resolved or resolve_masks(gm), capture=True)
-
-
-def oracle_forward(gm: fx.GraphModule, inputs: tuple, resolved: ResolvedMasks | None = None):
-    """The graph's output under mask semantics (no grad handling: callers decide)."""
-    return OracleInterpreter(gm, resolved or resolve_masks(gm)).run(*inputs)

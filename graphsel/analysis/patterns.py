@@ -2,8 +2,9 @@
 
 * Module elements match with ``isinstance`` (so ``timm``'s ``BatchNormAct2d`` matches
   ``nn.BatchNorm2d``); torch.fx's ``SubgraphMatcher`` compares module names and matches none.
-* Op families accept every spelling: module (``nn.ReLU``), function (``F.relu``, ``torch.relu``),
-  method (``x.relu()``) and in-place variants (``F.relu(inplace=True)``, ``x.relu_()``).
+* Op families come from the operator table (``OpSpec.families``) and accept every spelling:
+  module (``nn.ReLU``), function (``F.relu``, ``torch.relu``), method (``x.relu()``) and in-place
+  variants (``F.relu(inplace=True)``, ``x.relu_()``).
 * A chain ``a → b → c`` requires each interior node to feed the next as its first argument and,
   by default, to have that single user.
 * ``where=predicate(match) -> bool | str`` adds a condition (a string is the failure reason).
@@ -12,14 +13,13 @@
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
+
+from graphsel.ops.table import registered, table_version
 
 
 @dataclass(frozen=True)
@@ -54,29 +54,56 @@ class Optional:
     element: Any
 
 
-def _acts(name: str, mod: tuple[type, ...], fns: tuple, methods: tuple[str, ...]) -> Op:
-    return Op(name, mod, fns, methods)
+class Family(Op):
+    """An op family of the operator table: every module class, function and method whose
+    ``OpSpec.families`` names it (looked up when matching, so later registrations count)."""
+
+    def __init__(self, name: str):
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "_cached", (-1, (), (), ()))
+
+    def _members(self) -> tuple[tuple, tuple, tuple]:
+        version = table_version()
+        if self._cached[0] != version:
+            table = registered()
+            pick = lambda d: tuple(t for t, spec in d.items() if self.name in spec.families)
+            object.__setattr__(self, "_cached", (version, pick(table["modules"]), pick(table["functions"]),
+                                                 pick(table["methods"])))
+        return self._cached[1:]
+
+    @property
+    def modules(self):
+        return self._members()[0]
+
+    @property
+    def functions(self):
+        return self._members()[1]
+
+    @property
+    def methods(self):
+        return self._members()[2]
+
+    def __eq__(self, other):
+        return isinstance(other, Family) and other.name == self.name
+
+    def __hash__(self):
+        return hash(("family", self.name))
+
+    def __repr__(self) -> str:
+        return f"Family({self.name!r})"
 
 
-RELU = _acts("relu", (nn.ReLU,), (F.relu, torch.relu, torch.relu_, getattr(F, "relu_", F.relu)), ("relu", "relu_"))
-RELU6 = _acts("relu6", (nn.ReLU6,), (F.relu6,), ())
-HARDSWISH = _acts("hardswish", (nn.Hardswish,), (F.hardswish,), ())
-SILU = _acts("silu", (nn.SiLU,), (F.silu,), ())
-GELU = _acts("gelu", (nn.GELU,), (F.gelu,), ())
-SIGMOID = _acts("sigmoid", (nn.Sigmoid,), (torch.sigmoid, F.sigmoid), ("sigmoid", "sigmoid_"))
-DROPOUT = Op("dropout", (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout),
-             (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout, torch.dropout_), ("dropout",))
-BATCHNORM = Op("batch_norm", (nn.modules.batchnorm._BatchNorm,))
-BATCHNORM2D = Op("batch_norm_2d", (nn.BatchNorm2d,))
-CONV = Op("conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-CONV2D = Op("conv2d", (nn.Conv2d,))
-LINEAR = Op("linear", (nn.Linear,))
-ADD = Op("add", (), (operator.add, operator.iadd, torch.add), ("add", "add_"))
-MUL = Op("mul", (), (operator.mul, operator.imul, torch.mul), ("mul", "mul_"))
-CAT = Op("cat", (), (torch.cat, torch.concat), ())
+RELU, RELU6, HARDSWISH, SILU, GELU, SIGMOID, DROPOUT = (Family(n) for n in (
+    "relu", "relu6", "hardswish", "silu", "gelu", "sigmoid", "dropout"))
+BATCHNORM, BATCHNORM2D, CONV, CONV2D, LINEAR = (Family(n) for n in (
+    "batch_norm", "batch_norm_2d", "conv", "conv2d", "linear"))
+ADD, MUL, CAT = Family("add"), Family("mul"), Family("cat")
 
-FAMILIES: dict[str, Op] = {op.name: op for op in (
-    RELU, RELU6, HARDSWISH, SILU, GELU, SIGMOID, DROPOUT, BATCHNORM, BATCHNORM2D, CONV, CONV2D, LINEAR, ADD, MUL, CAT)}
+
+def families() -> dict[str, Family]:
+    """Every pattern family named by a spec of the operator table."""
+    names = {f for table in registered().values() for spec in table.values() for f in spec.families}
+    return {n: Family(n) for n in sorted(names)}
 
 
 def as_op(element: Any) -> Op:
@@ -87,9 +114,10 @@ def as_op(element: Any) -> Op:
     if isinstance(element, type) and issubclass(element, nn.Module):
         return Op(element.__name__, (element,))
     if isinstance(element, str):
-        if element in FAMILIES:
-            return FAMILIES[element]
-        raise ValueError(f"unknown op family '{element}'; known: {', '.join(FAMILIES)}")
+        known = families()
+        if element in known:
+            return known[element]
+        raise ValueError(f"unknown op family '{element}'; known: {', '.join(known)}")
     if isinstance(element, tuple) and element:
         ops = [as_op(e) for e in element]
         return Op("|".join(o.name for o in ops), tuple(c for o in ops for c in o.modules),

@@ -5,17 +5,35 @@ import torch.fx as fx
 import torch.nn as nn
 
 
-#: ``gm.meta`` key: the graph fingerprint the module's code was last generated for (see :func:`recompile`)
-COMPILED_KEY = "graphsel_compiled_fingerprint"
 #: ``gm.meta`` key: the :func:`code_key` of the graph the module's code was last generated from
 CODE_KEY = "graphsel_code_key"
+
+
+def graph_fingerprint(gm: fx.GraphModule, modules: dict[str, nn.Module] | None = None) -> int:
+    """A hash that changes whenever the graph or the shape of a called module changes: how the
+    pipeline tells whether a pass changed a graph it did not say it changed. ``modules``:
+    ``module_index(gm)``, when the caller has it."""
+    modules = module_index(gm) if modules is None else modules
+    items = []
+    for n in gm.graph.nodes:
+        extra: tuple = ()
+        if n.op == "call_module":
+            m = modules.get(n.target)
+            if m is None:
+                extra = ("<missing>",)
+            elif m._modules:
+                extra = (type(m).__name__,) + tuple(tuple(p.shape) for p in m.parameters(recurse=True))
+            else:
+                extra = (type(m).__name__,) + tuple(tuple(p.shape) for p in m._parameters.values() if p is not None)
+        items.append((n.name, n.op, str(n.target), repr(n.args), repr(n.kwargs), extra))
+    return hash(tuple(items))
 
 
 def code_key(gm: fx.GraphModule) -> int:
     """A hash of everything torch.fx generates ``forward`` from: the nodes in order with their
     names, ops, targets, arguments and type annotations, and the graph's code generator. Unlike
-    :func:`graphsel.pipeline.context.graph_fingerprint` it ignores the modules' shapes (slicing a module
-    leaves the code as it is)."""
+    :func:`graph_fingerprint` it ignores the modules' shapes (slicing a module leaves the code as
+    it is)."""
     g = gm.graph
     return hash((type(g._codegen).__qualname__,
                  tuple((n.name, n.op, str(n.target), repr(n.args), repr(n.kwargs), repr(n.type)) for n in g.nodes)))
@@ -29,18 +47,14 @@ def mark_compiled(gm: fx.GraphModule) -> None:
     gm.meta[CODE_KEY] = (code_key(gm), gm._code)
 
 
-def recompile(gm: fx.GraphModule, fingerprint: int | None = None) -> None:
+def recompile(gm: fx.GraphModule) -> None:
     """``gm.recompile()`` unless the code it would generate is the code ``gm`` has: its graph's
     :func:`code_key` is the one recorded by :func:`mark_compiled` and nothing generated code since
-    (materialize, say, slices modules without touching the graph). Records the graph's fingerprint
-    (``fingerprint``: the caller's, when it has it), so the pipeline skips this call for a graph
-    already current."""
-    from graphsel.pipeline.context import graph_fingerprint
+    (materialize, say, slices modules without touching the graph)."""
     recorded = gm.meta.get(CODE_KEY)
     if not (recorded is not None and recorded[1] is getattr(gm, "_code", None) and recorded[0] == code_key(gm)):
         gm.recompile()
         mark_compiled(gm)
-    gm.meta[COMPILED_KEY] = graph_fingerprint(gm) if fingerprint is None else fingerprint
 
 
 def module_index(root: nn.Module) -> dict[str, nn.Module]:

@@ -5,12 +5,19 @@ on ``deepcopy`` and keeps when the module is pickled.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 META_KEY = "graphsel"
+_VERSIONS = itertools.count(1)
+
+
+def new_version() -> int:
+    """A graph version no graph had before (process-wide)."""
+    return next(_VERSIONS)
 
 
 @dataclass
@@ -82,7 +89,9 @@ class GraphselMeta:
     inputs: list[InputSpec] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     history: list[PassRecord] = field(default_factory=list)
-    trained_mode: bool = False
+    #: identifies the graph's content for the analysis cache of ``graphsel.pipeline.PassContext``:
+    #: copies share it; a pass that changes the graph gets a new one (:func:`new_version`)
+    version: int = field(default_factory=lambda: new_version())
     # Channel masks (graphsel.analysis.masks.ChannelMasks) attached by pruning passes; None when none.
     masks: Any = None
     # Free-form per-pass state that later passes read (keyed by pass name).

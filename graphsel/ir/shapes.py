@@ -177,14 +177,6 @@ def _first_line(e: BaseException) -> str:
     return s[0] if s else ""
 
 
-def has_shapes(gm: fx.GraphModule) -> bool:
-    """True when every tensor-producing node carries ``tensor_meta``."""
-    for n in gm.graph.nodes:
-        if n.op in ("call_module", "call_function", "call_method", "placeholder") and "tensor_meta" not in n.meta:
-            return False
-    return True
-
-
 def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
     """The recorded shape of a node's (tensor) output, or None."""
     tm = node.meta.get("tensor_meta")

@@ -34,7 +34,7 @@ from torch.fx.proxy import ParameterProxy
 from graphsel.ir.copying import clone_memo, deepcopy_module
 from graphsel.errors import ExampleInputError, TraceError
 from graphsel.ir.graph import mark_compiled, module_index
-from graphsel.ir.meta import GraphselMeta, LeafRecord, META_KEY, graphsel_meta
+from graphsel.ir.meta import GraphselMeta, LeafRecord, META_KEY
 from graphsel.ir.shapes import propagate_shapes
 
 _REGISTERED_LEAVES: list[type] = []
@@ -52,10 +52,6 @@ def register_leaf_module(cls: type) -> type:
     if cls not in _REGISTERED_LEAVES:
         _REGISTERED_LEAVES.append(cls)
     return cls
-
-
-def registered_leaf_modules() -> tuple[type, ...]:
-    return tuple(_REGISTERED_LEAVES)
 
 
 class _BufferProxy(ParameterProxy):
@@ -174,7 +170,7 @@ def _remedy(exc: BaseException, path: str, model: nn.Module | None = None) -> st
             f"(or its class in leaf_modules).")
 
 
-def _as_tuple(example_inputs: Any) -> tuple | None:
+def as_tuple(example_inputs: Any) -> tuple | None:
     if example_inputs is None:
         return None
     if isinstance(example_inputs, torch.Tensor):
@@ -254,7 +250,7 @@ def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequenc
     if not isinstance(model, nn.Module):
         raise TypeError(f"graphsel.trace expects a torch.nn.Module, got {type(model).__name__}. "
                         f"Wrap functions in an nn.Module whose forward calls them.")
-    inputs = _as_tuple(example_inputs)
+    inputs = as_tuple(example_inputs)
     if inputs is not None:
         for i, t in enumerate(inputs):
             if not isinstance(t, torch.Tensor):
@@ -293,8 +289,7 @@ def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequenc
     gm = fx.GraphModule(work, graph, class_name=type(model).__name__)
     mark_compiled(gm)
     _copy_training_flags(model, gm)
-    meta = GraphselMeta(model_class=f"{type(model).__module__}.{type(model).__qualname__}", leafed=leafed,
-                        trained_mode=model.training)
+    meta = GraphselMeta(model_class=f"{type(model).__module__}.{type(model).__qualname__}", leafed=leafed)
     gm.meta[META_KEY] = meta
     for r in leafed:
         meta.notes.append(f"leafed '{r.path}' ({r.cls}): {r.reason}; its channels are frozen")

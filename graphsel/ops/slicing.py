@@ -1,5 +1,6 @@
-"""Physical slicing of modules and tensors along channel positions (used by Materialize and by
-the mask oracle, which runs channel-reducing ops on the kept channels only).
+"""Physical slicing of modules and tensors along channel positions: the helpers behind the
+``OpSpec.slice`` rules (materialize slices with them; the mask oracle runs channel-reducing
+modules on the kept channels only).
 
 Every function takes ``keep``: a 1-D LongTensor (or sequence) of positions to keep, in order,
 and returns a NEW module; the input module is never modified. Sliced tensors are fresh memory
@@ -13,7 +14,7 @@ doing for a name that already holds a parameter, buffer or plain value), not thr
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -68,14 +69,10 @@ def _set_sizes(m: nn.Module, **sizes: Any) -> None:
             setattr(m, name, value)
 
 
-def _clone(m: nn.Module) -> nn.Module:
-    return shallow_copy_module(m)
-
-
 def slice_conv(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, keep_out=None, keep_in=None) -> nn.Module:
     """A conv with output channels ``keep_out`` and input channels ``keep_in`` (positions over all
     groups). For grouped convs both must keep the same positions within every group."""
-    new = _clone(m)
+    new = shallow_copy_module(m)
     g = m.groups
     w = m.weight
     if keep_out is not None:
@@ -102,7 +99,7 @@ def slice_conv(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, keep_out=None, keep_in=None
 def slice_depthwise(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, keep) -> nn.Module:
     """A depthwise conv (groups = in = out channels) restricted to channels ``keep``."""
     keep = as_index(keep)
-    new = _clone(m)
+    new = shallow_copy_module(m)
     _set_param(new, "weight", m.weight.detach().index_select(0, keep), m.weight.requires_grad)
     if m.bias is not None:
         _set_param(new, "bias", m.bias.detach().index_select(0, keep), m.bias.requires_grad)
@@ -111,7 +108,7 @@ def slice_depthwise(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, keep) -> nn.Module:
 
 
 def slice_linear(m: nn.Linear, keep_out=None, keep_in=None) -> nn.Linear:
-    new = _clone(m)
+    new = shallow_copy_module(m)
     w = m.weight.detach()
     if keep_out is not None:
         keep_out = as_index(keep_out)
@@ -127,36 +124,51 @@ def slice_linear(m: nn.Linear, keep_out=None, keep_in=None) -> nn.Linear:
     return new
 
 
-def slice_per_channel(m: nn.Module, keep) -> nn.Module:
-    """BatchNorm / InstanceNorm / LayerNorm (1-D) / GroupNorm / PReLU restricted to channels ``keep``."""
-    keep = as_index(keep)
-    new = _clone(m)
-    k = len(keep)
-    if isinstance(m, nn.modules.batchnorm._BatchNorm) or isinstance(m, nn.modules.instancenorm._InstanceNorm):
-        for name in ("weight", "bias", "running_mean", "running_var"):
+def slice_params(*names: str, sizes: Callable[[nn.Module, int], dict] | None = None) -> Callable:
+    """The slice rule of a per-channel module: tensors ``names`` (those it has) sliced along
+    dimension 0 to the kept channels ``parts["chan"]``; ``sizes(module, k)`` gives the attributes
+    that count channels (``{"num_features": k}``)."""
+    def rule(m: nn.Module, parts: dict[str, torch.Tensor]) -> nn.Module:
+        keep = as_index(parts["chan"])
+        new = shallow_copy_module(m)
+        for name in names:
             _replace_param(new, name, 0, keep)
-        _set_sizes(new, num_features=k)
-    elif isinstance(m, nn.LayerNorm):
-        for name in ("weight", "bias"):
-            _replace_param(new, name, 0, keep)
-        _set_sizes(new, normalized_shape=(k,))
-    elif isinstance(m, nn.GroupNorm):
-        per = m.num_channels // m.num_groups
-        for name in ("weight", "bias"):
-            _replace_param(new, name, 0, keep)
-        if m.num_groups == m.num_channels:
-            _set_sizes(new, num_groups=k)
-        elif m.num_groups > 1:
-            if k % per:
-                raise ValueError(f"GroupNorm keeps {k} channels, not whole groups of {per}")
-            _set_sizes(new, num_groups=k // per)
-        _set_sizes(new, num_channels=k)
-    elif isinstance(m, nn.PReLU):
-        if m.num_parameters > 1:
-            _replace_param(new, "weight", 0, keep)
-            _set_sizes(new, num_parameters=k)
-    elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return slice_depthwise(m, keep)
-    else:
-        raise TypeError(f"cannot slice {type(m).__name__} per channel")
-    return new
+        if sizes is not None:
+            _set_sizes(new, **sizes(m, len(keep)))
+        return new
+    return rule
+
+
+def slice_conv_rule(m: nn.Module, parts: dict[str, torch.Tensor]) -> nn.Module:
+    """The slice rule of Conv1d/2d/3d: a depthwise conv per channel, any other by its input and
+    output slots."""
+    if "chan" in parts:
+        return slice_depthwise(m, parts["chan"])
+    return slice_conv(m, parts.get("out"), parts.get("in"))
+
+
+def slice_linear_rule(m: nn.Module, parts: dict[str, torch.Tensor]) -> nn.Module:
+    return slice_linear(m, parts.get("out"), parts.get("in"))
+
+
+def _group_norm_sizes(m: nn.GroupNorm, k: int) -> dict:
+    per = m.num_channels // m.num_groups
+    if m.num_groups == m.num_channels:
+        return {"num_groups": k, "num_channels": k}
+    if m.num_groups > 1:
+        if k % per:
+            raise ValueError(f"GroupNorm keeps {k} channels, not whole groups of {per}")
+        return {"num_groups": k // per, "num_channels": k}
+    return {"num_channels": k}
+
+
+slice_batch_norm = slice_params("weight", "bias", "running_mean", "running_var",
+                                sizes=lambda m, k: {"num_features": k})
+slice_layer_norm = slice_params("weight", "bias", sizes=lambda m, k: {"normalized_shape": (k,)})
+slice_group_norm = slice_params("weight", "bias", sizes=_group_norm_sizes)
+
+
+def slice_prelu(m: nn.PReLU, parts: dict[str, torch.Tensor]) -> nn.Module:
+    if m.num_parameters == 1:
+        return shallow_copy_module(m)
+    return slice_params("weight", sizes=lambda m, k: {"num_parameters": k})(m, parts)

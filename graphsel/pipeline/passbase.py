@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch.fx as fx
 
-if TYPE_CHECKING:  # pragma: no cover
-    from graphsel.pipeline.context import PassContext
+from graphsel.pipeline.context import PassContext
 
 
 class Contract(str, enum.Enum):
@@ -81,8 +80,11 @@ class Pass:
     """Base class of graph passes (see the module docstring).
 
     Subclasses set ``name`` (registry name), ``contract`` and implement :meth:`run`. Options are
-    passed to ``__init__`` as keywords and recorded with ``super().__init__(**options)`` so that
-    reports, the CLI and ``repr`` can show them.
+    passed to ``__init__`` as keywords and stored with ``super().__init__(**options)``: each becomes
+    an attribute of the same name, and ``options`` (shown by reports, the CLI and ``repr``) reads
+    them back. A pass that edits the graph and then needs fresh analyses calls
+    ``ctx.invalidate(gm)`` first; module selection goes through
+    :class:`graphsel.pipeline.select.ModuleSelection` (``include=`` / ``exclude=``).
     """
 
     name: ClassVar[str] = ""
@@ -94,21 +96,28 @@ class Pass:
     inplace_tensors: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
-        self._options = dict(options)
+        # each option is an attribute of the same name (stored once); ``options`` reads them back
+        for k, v in options.items():
+            setattr(self, k, v)
+        self._option_names = tuple(options)
 
     @property
     def options(self) -> dict[str, Any]:
-        return dict(self._options)
+        return {k: getattr(self, k) for k in self._option_names}
 
-    def run(self, gm: fx.GraphModule, ctx: "PassContext") -> PassResult:  # pragma: no cover - abstract
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement run(gm, ctx)")
 
-    def __call__(self, gm: fx.GraphModule, ctx: "PassContext | None" = None) -> PassResult:
-        if ctx is None:
-            from graphsel.pipeline.context import PassContext
-            ctx = PassContext.for_graph(gm)
-        return self.run(gm, ctx)
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
+        """Run the pass outside a pipeline (no copy, no checks). A result that says it modified
+        the graph gets a new graph version, so ``ctx``'s cached analyses of the old one no longer
+        apply to it."""
+        ctx = PassContext.for_graph(gm) if ctx is None else ctx
+        result = self.run(gm, ctx)
+        if isinstance(result, PassResult) and result.modified and isinstance(result.gm, fx.GraphModule):
+            ctx.invalidate(result.gm)
+        return result
 
     def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self._options.items())
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"{type(self).__name__}({opts})"

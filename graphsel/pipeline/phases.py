@@ -1,25 +1,29 @@
-"""``graphsel.transform``: trace, run passes on copies, check each result, verify each contract.
+"""``graphsel.transform``: trace, then run every pass through the same phases.
 
-For each pass: copy the current graph (tensors shared copy-on-write), run the pass,
-``graph.lint()``, check that every module and attribute target resolves, recompile and
-re-propagate shapes when the graph, a tensor shape or a module setting changed,
-verify the contract against the previous graph (eval mode; example inputs plus random inputs;
-dtype tolerances), and record a row of the pass history. A failing pass raises
-:class:`~graphsel.PassError` or :class:`~graphsel.FunctionChangedError`; the user's model is never
-touched (tracing works on a deep copy).
+1. **prepare** — the reference outputs of the current graph (when verifying), the copy the pass
+   works on (graph, modules and metadata copied; tensors shared copy-on-write), what the pass must
+   not touch (tensor version counters);
+2. **run** — the pass itself; any exception becomes a :class:`~graphsel.PassError` naming it;
+3. **lint** — did the graph change? (see below) If so: every module and attribute target resolves,
+   ``graph.lint()``, the code is regenerated and the graph gets a new version (its cached
+   analyses no longer apply);
+4. **shapes** — shapes re-propagated on the example inputs when the graph changed (a pass that
+   derived them itself, ``shapes_current``, is believed without verification and checked with it);
+5. **verify** — the contract against the previous graph (eval mode, example plus random inputs,
+   dtype tolerances; masked graphs through the mask oracle); a violation raises
+   :class:`~graphsel.FunctionChangedError` with the first diverging node;
+6. **record** — a row of the pass history (time, nodes, params/MACs before and after, deviation).
 
-``verify=False`` is the fast path for trusted passes: nothing compares against the previous
-graph, so passes edit the pipeline's graph directly (no per-pass copies), and the traced copy
-holds the user's own Parameter objects (buffers are copied) until the end, when every parameter
-or buffer whose memory is one of the user's parameters (the same object, or a view a pass made
-of it) is cloned — the returned module never aliases the user's. Passes replace tensors
-rather than write into them (the version-counter check still runs and raises), and a pass that
-declares ``inplace_tensors`` gets a deep copy first; a pass's ``modified=False`` is taken at its
-word while the graph's fingerprint agrees (no shape signature, no re-check of leaf-module
-settings); a third-party pass that writes into a
-parameter without declaring it is reported, but only after the write (and a write through
-``.data``, whose version counter is separate, not at all): use the default ``verify=True`` for
-untrusted passes.
+``verify`` has one meaning: check every pass's contract against the previous graph. Without it
+nothing needs the previous graph, and the pipeline uses that: passes edit the pipeline's graph
+directly (no per-pass copies; a pass declaring ``inplace_tensors`` still gets a deep copy), the
+traced copy holds the user's own Parameter objects until the end, when every tensor whose memory
+is one of the user's parameters is cloned (the returned module never aliases the user's), and
+"did the graph change?" is answered by the pass's ``modified`` flag checked against the graph's
+fingerprint (with verification: the full shape signature — fingerprint, tensor shapes and leaf
+module settings). A third-party pass that writes into a parameter without declaring it is
+reported only after the write (through ``.data``, not at all): keep ``verify=True`` for untrusted
+passes.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import contextlib
 import copy
 import gc
 import time
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -35,15 +40,185 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata
 from tqdm.auto import tqdm
 
-from graphsel.pipeline.context import PassContext, graph_fingerprint
 from graphsel.errors import FunctionChangedError, GraphselError, PassError
+from graphsel.ir.graph import graph_fingerprint, module_index, module_tensors, recompile
 from graphsel.ir.meta import PassRecord, graphsel_meta
-from graphsel.pipeline.passbase import Contract, Pass, PassResult
-from graphsel.ir.graph import COMPILED_KEY, module_index, module_tensors, recompile
-from graphsel.pipeline.registry import resolve_passes
 from graphsel.ir.shapes import propagate_shapes
-from graphsel.ir.tracing import example_inputs_of, trace
+from graphsel.ir.tracing import as_tuple, example_inputs_of, trace
+from graphsel.pipeline.context import PassContext
+from graphsel.pipeline.passbase import Contract, Pass, PassResult
+from graphsel.pipeline.registry import resolve_passes
 from graphsel.pipeline.verify import Deviation, compare_outputs, first_divergence, reference_forward
+
+
+@dataclass
+class _Step:
+    """One pass on its way through the phases."""
+    p: Pass
+    before: fx.GraphModule                    # the graph the pass was given (untouched when verifying)
+    ctx: PassContext
+    verify: bool
+    reference: list[list[torch.Tensor]] | None
+    signature: tuple                          # ``before``'s shape signature (fingerprint only without verify)
+    work: fx.GraphModule = None               # what the pass runs on
+    versions: dict = field(default_factory=dict)
+    names_before: set[str] = field(default_factory=set)
+    cost_before: tuple = (None, None)
+    seconds: float = 0.0
+    result: PassResult | None = None
+    unchanged: bool = False
+    new_signature: tuple | None = None
+    deviation: Deviation | None = None
+    verify_seconds: float = 0.0
+    new_reference: list[list[torch.Tensor]] | None = None
+
+
+def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = True,
+             reference: list[list[torch.Tensor]] | None = None, rtol: float | None = None,
+             atol: float | None = None, signature: tuple | None = None
+             ) -> tuple[fx.GraphModule, PassRecord, list[list[torch.Tensor]] | None, tuple | None]:
+    """Run one pass through the phases (module docstring); returns (new gm, history row, new
+    reference outputs, the new gm's shape signature or None when it was not needed).
+    ``reference`` / ``signature``: ``gm``'s, when the caller has them from the previous pass."""
+    step = _prepare(p, gm, ctx, verify, reference, signature)
+    _run(step)
+    _lint(step)
+    _shapes(step)
+    _verify(step, rtol, atol)
+    record = _record(step)
+    return step.result.gm, record, step.new_reference, step.new_signature
+
+
+def _prepare(p: Pass, gm: fx.GraphModule, ctx: PassContext, verify: bool, reference, signature) -> _Step:
+    if verify and reference is None and ctx.verify_inputs():
+        reference = [reference_forward(gm, x, ctx) for x in ctx.verify_inputs()]
+    # without verification nothing reads the previous graph again: the pass edits ``gm`` itself
+    work = gm if not verify and not p.inplace_tensors else copy_for_pass(gm, p)
+    index = module_index(gm)
+    if signature is None:
+        signature = (_shape_signature(work, index=index if work is gm else None) if verify
+                     else (graph_fingerprint(gm, index),))
+    return _Step(p, gm, ctx, verify, reference, signature, work=work,
+                 versions={} if p.inplace_tensors else _tensor_versions(index),
+                 names_before={n.name for n in gm.graph.nodes}, cost_before=_cost_pair(gm, ctx))
+
+
+def _run(step: _Step) -> None:
+    p = step.p
+    t0 = time.perf_counter()
+    try:
+        result = p.run(step.work, step.ctx)
+    except GraphselError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise PassError(p.name, f"failed with {type(e).__name__}: {e}") from e
+    step.seconds = time.perf_counter() - t0
+    changed = [name for name, (t, v) in step.versions.items() if t._version != v]
+    if changed:
+        raise PassError(p.name, f"modified tensor '{changed[0]}' in place ({len(changed)} tensor(s)); passes share "
+                                f"tensors with the previous graph and must replace them (copy-on-write), or set "
+                                f"`inplace_tensors = True` on the pass class to get a deep copy")
+    if not isinstance(result, PassResult):
+        raise PassError(p.name, f"returned {type(result).__name__}, not a graphsel.PassResult")
+    if not isinstance(result.gm, fx.GraphModule):
+        raise PassError(p.name, f"PassResult.gm is a {type(result.gm).__name__}, not a torch.fx.GraphModule")
+    result.gm.meta.setdefault("graphsel", graphsel_meta(step.work))
+    step.result = result
+
+
+def _lint(step: _Step) -> None:
+    """Decide whether the graph changed; if so check it, regenerate its code, give it a new version.
+    A pass that changed only metadata (masks) keeps the graph (valid before), the code, the shapes
+    and the cached analyses of its copy."""
+    new, result = step.result.gm, step.result
+    new_index = module_index(new)
+    fingerprint = graph_fingerprint(new, new_index)
+    if step.verify:
+        # the full signature only when the graph's fingerprint leaves the question open
+        step.new_signature = (_shape_signature(new, fingerprint, new_index)
+                              if new is step.work and fingerprint == step.signature[0] else None)
+        step.unchanged = step.new_signature == step.signature
+    else:
+        step.new_signature = (fingerprint,)
+        step.unchanged = new is step.work and not result.modified and fingerprint == step.signature[0]
+    if not step.unchanged:
+        _check_invariants(new, step.p.name)
+        recompile(new)
+        step.ctx.invalidate(new)
+
+
+def _shapes(step: _Step) -> None:
+    new, result = step.result.gm, step.result
+    inputs = example_inputs_of(new) or step.ctx.example_inputs
+    if not result.modified or inputs is None or step.unchanged:
+        return
+    # a pass that derived the new shapes itself (``shapes_current``) is trusted without
+    # verification; with verification its shapes are checked against a real propagation
+    if step.verify or not result.shapes_current:
+        predicted = _recorded_shapes(new) if result.shapes_current else None
+        try:
+            propagate_shapes(new, inputs)
+        except GraphselError as e:
+            raise PassError(step.p.name, f"the rewritten graph no longer runs on the example inputs: {e}") from e
+        if predicted is not None:
+            _check_predicted_shapes(step.p.name, predicted, _recorded_shapes(new))
+        step.new_signature = None                 # which nodes carry shapes may have changed
+
+
+def _verify(step: _Step, rtol: float | None, atol: float | None) -> None:
+    t0 = time.perf_counter()
+    ctx, p, new = step.ctx, step.p, step.result.gm
+    if step.verify and ctx.verify_inputs():
+        step.new_reference = [reference_forward(new, x, ctx) for x in ctx.verify_inputs()]
+        dev = compare_outputs(step.reference, step.new_reference, rtol, atol)
+        contract = p.contract
+        if contract is Contract.EXACT:
+            violated = not dev.ok
+        elif contract is Contract.APPROXIMATE and step.result.bound is not None:
+            violated = not dev.shapes_match or dev.max_abs > step.result.bound + dev.tolerance
+        else:
+            violated = not dev.shapes_match
+        if violated:
+            node, detail = first_divergence(step.before, new, ctx.verify_inputs()[0], rtol, atol, ctx)
+            tol = dev.tolerance if contract is Contract.EXACT else (step.result.bound or 0.0) + dev.tolerance
+            raise FunctionChangedError(p.name, str(contract), dev.max_abs, dev.max_rel, tol, node,
+                                       detail or dev.detail)
+        step.deviation = dev
+    step.verify_seconds = time.perf_counter() - t0
+
+
+def _record(step: _Step) -> PassRecord:
+    p, result, dev = step.p, step.result, step.deviation
+    new = result.gm
+    names_after = {n.name for n in new.graph.nodes}
+    params_after, macs_after = _cost_pair(new, step.ctx)
+    record = PassRecord(
+        name=p.name, contract=str(p.contract), options=_described(p.options), seconds=step.seconds,
+        modified=result.modified,
+        nodes_before=len(step.names_before), nodes_after=len(names_after),
+        nodes_added=len(names_after - step.names_before), nodes_removed=len(step.names_before - names_after),
+        params_before=step.cost_before[0], params_after=params_after, macs_before=step.cost_before[1],
+        macs_after=macs_after, max_abs=dev.max_abs if dev else None, max_rel=dev.max_rel if dev else None,
+        tolerance=(dev.tolerance if p.contract is Contract.EXACT else result.bound) if dev else None,
+        verify_seconds=step.verify_seconds, stats=dict(result.stats), diagnostics=list(result.diagnostics))
+    graphsel_meta(new).history.append(record)
+    return record
+
+
+def _described(options: dict[str, Any]) -> dict[str, Any]:
+    """Options as the history keeps them: data, with functions and other objects by name (a
+    history must survive saving, and must not hold the user's code)."""
+    def describe(v):
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (list, tuple)):
+            return [describe(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): describe(x) for k, x in v.items()}
+        if isinstance(v, type):
+            return v.__qualname__
+        return getattr(v, "__qualname__", None) or getattr(v, "__name__", None) or repr(v)
+    return {k: describe(v) for k, v in options.items()}
 
 
 def _check_invariants(gm: fx.GraphModule, pass_name: str) -> None:
@@ -76,9 +251,9 @@ def _mode_of(model: nn.Module) -> bool | None:
     return flags.pop() if len(flags) == 1 else None
 
 
-def _cost_pair(gm: fx.GraphModule, ctx: PassContext, fingerprint: int | None = None) -> tuple[int | None, int | None]:
+def _cost_pair(gm: fx.GraphModule, ctx: PassContext) -> tuple[int | None, int | None]:
     try:
-        c = ctx.analysis("cost_totals", gm, fingerprint=fingerprint)
+        c = ctx.analysis("cost_totals", gm)
         return c.params, c.macs
     except Exception:  # noqa: BLE001 - cost is informative only
         return sum(p.numel() for p in gm.parameters()), None
@@ -96,7 +271,7 @@ def copy_for_pass(gm: fx.GraphModule, p: Pass) -> fx.GraphModule:
     return copy.deepcopy(gm, memo)
 
 
-def _tensor_versions(gm: fx.GraphModule, index: dict[str, nn.Module]) -> dict[str, tuple[torch.Tensor, int]]:
+def _tensor_versions(index: dict[str, nn.Module]) -> dict[str, tuple[torch.Tensor, int]]:
     return {f"{path}.{name}" if path else name: (t, t._version) for path, _, name, t in module_tensors(index)}
 
 
@@ -111,113 +286,6 @@ def _shape_signature(gm: fx.GraphModule, fingerprint: int | None = None,
     modules = tuple(repr(m) for path, m in index.items() if path and not m._modules)
     shaped = frozenset(n.name for n in gm.graph.nodes if "tensor_meta" in n.meta)
     return graph_fingerprint(gm, index) if fingerprint is None else fingerprint, tensors, shaped, modules
-
-
-def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = True,
-             reference: list[list[torch.Tensor]] | None = None, rtol: float | None = None,
-             atol: float | None = None, signature: tuple | None = None
-             ) -> tuple[fx.GraphModule, PassRecord, list[list[torch.Tensor]] | None, tuple]:
-    """Run one pass on a copy of ``gm`` with all checks; returns (new gm, history row, new
-    reference outputs, the new gm's shape signature or None when it was not needed). ``signature``:
-    ``gm``'s, when the caller has it from the previous pass (nothing touched ``gm`` since).
-
-    Whether a pass changed the graph (and so needs checking, new code and new shapes): with
-    verification, its result's full shape signature is compared with the input's; without, the
-    pass is trusted as the rest of that mode trusts it — a result it reports unmodified, with an
-    unchanged graph fingerprint, is unchanged (the "signature" is then the fingerprint alone)."""
-    if verify and reference is None and ctx.verify_inputs():
-        reference = [reference_forward(gm, x) for x in ctx.verify_inputs()]
-    # Without verification nothing reads the previous graph again: the pass edits ``gm`` itself
-    # (the pipeline's own modules; tensors a pass may edit in place are still copied first).
-    in_place = not verify and not p.inplace_tensors
-    work = gm if in_place else copy_for_pass(gm, p)
-    index = module_index(gm)
-    if signature is None:
-        signature = (_shape_signature(work, index=index if work is gm else None) if verify
-                     else (graph_fingerprint(gm, index),))
-    versions = {} if p.inplace_tensors else _tensor_versions(gm, index)
-    names_before = {n.name for n in gm.graph.nodes}
-    params_before, macs_before = _cost_pair(gm, ctx, signature[0])
-    t0 = time.perf_counter()
-    try:
-        result = p(work, ctx)
-    except GraphselError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise PassError(p.name, f"failed with {type(e).__name__}: {e}") from e
-    seconds = time.perf_counter() - t0
-    changed = [name for name, (t, v) in versions.items() if t._version != v]
-    if changed:
-        raise PassError(p.name, f"modified tensor '{changed[0]}' in place ({len(changed)} tensor(s)); passes share "
-                                f"tensors with the previous graph and must replace them (copy-on-write), or set "
-                                f"`inplace_tensors = True` on the pass class to get a deep copy")
-    if not isinstance(result, PassResult):
-        raise PassError(p.name, f"returned {type(result).__name__}, not a graphsel.PassResult")
-    new = result.gm
-    if not isinstance(new, fx.GraphModule):
-        raise PassError(p.name, f"PassResult.gm is a {type(new).__name__}, not a torch.fx.GraphModule")
-    new.meta.setdefault("graphsel", graphsel_meta(work))
-    # a pass that changed only metadata (masks) keeps the graph (valid before), the code and the
-    # shapes its copy carries: checking, recompiling and re-running the model are skipped
-    # (the full signature only when the graph's fingerprint leaves the question open)
-    new_index = module_index(new)
-    new_fingerprint = graph_fingerprint(new, new_index)
-    if verify:
-        new_signature = (_shape_signature(new, new_fingerprint, new_index)
-                         if new is work and new_fingerprint == signature[0] else None)
-        unchanged = new_signature == signature
-    else:
-        new_signature = (new_fingerprint,)
-        unchanged = new is work and not result.modified and new_fingerprint == signature[0]
-    if not unchanged:
-        _check_invariants(new, p.name)
-        if new.meta.get(COMPILED_KEY) != new_fingerprint:
-            recompile(new, new_fingerprint)
-    inputs = example_inputs_of(new) or ctx.example_inputs
-    if result.modified and inputs is not None and not unchanged:
-        # a pass that derived the new shapes itself (``shapes_current``) is trusted without
-        # verification; with verification its shapes are checked against a real propagation
-        if verify or not result.shapes_current:
-            predicted = _recorded_shapes(new) if result.shapes_current else None
-            try:
-                propagate_shapes(new, inputs)
-            except GraphselError as e:
-                raise PassError(p.name, f"the rewritten graph no longer runs on the example inputs: {e}") from e
-            if predicted is not None:
-                _check_predicted_shapes(p.name, predicted, _recorded_shapes(new))
-            new_signature = None                 # which nodes carry shapes may have changed
-    names_after = {n.name for n in new.graph.nodes}
-    params_after, macs_after = _cost_pair(new, ctx, new_fingerprint)
-
-    dev: Deviation | None = None
-    vt0 = time.perf_counter()
-    new_reference = None
-    if verify and ctx.verify_inputs():
-        new_reference = [reference_forward(new, x) for x in ctx.verify_inputs()]
-        dev = compare_outputs(reference, new_reference, rtol, atol)
-        contract = p.contract
-        violated = False
-        if contract is Contract.EXACT:
-            violated = not dev.ok
-        elif contract is Contract.APPROXIMATE and result.bound is not None:
-            violated = not dev.shapes_match or dev.max_abs > result.bound + dev.tolerance
-        elif not dev.shapes_match:
-            violated = True
-        if violated:
-            node, detail = first_divergence(gm, new, ctx.verify_inputs()[0], rtol, atol)
-            tol = dev.tolerance if contract is Contract.EXACT else (result.bound or 0.0) + dev.tolerance
-            raise FunctionChangedError(p.name, str(contract), dev.max_abs, dev.max_rel, tol, node,
-                                       detail or dev.detail)
-    record = PassRecord(
-        name=p.name, contract=str(p.contract), options=p.options, seconds=seconds, modified=result.modified,
-        nodes_before=len(names_before), nodes_after=len(names_after),
-        nodes_added=len(names_after - names_before), nodes_removed=len(names_before - names_after),
-        params_before=params_before, params_after=params_after, macs_before=macs_before, macs_after=macs_after,
-        max_abs=dev.max_abs if dev else None, max_rel=dev.max_rel if dev else None,
-        tolerance=(dev.tolerance if p.contract is Contract.EXACT else result.bound) if dev else None,
-        verify_seconds=time.perf_counter() - vt0, stats=dict(result.stats), diagnostics=list(result.diagnostics))
-    graphsel_meta(new).history.append(record)
-    return new, record, new_reference, new_signature
 
 
 def _recorded_shapes(gm: fx.GraphModule) -> dict[str, list[tuple]]:
@@ -275,8 +343,7 @@ def transform(model: nn.Module, passes: Any, example_inputs: Any = None, *, veri
     if isinstance(model, fx.GraphModule) and graphsel_meta(model, create=False) is not None:
         gm = copy.deepcopy(model)
         if example_inputs is not None:
-            from graphsel.ir.tracing import _as_tuple
-            inputs = _as_tuple(example_inputs)
+            inputs = as_tuple(example_inputs)
             propagate_shapes(gm, inputs)
             gm.meta["graphsel_example_inputs"] = inputs
     else:
@@ -285,6 +352,7 @@ def transform(model: nn.Module, passes: Any, example_inputs: Any = None, *, veri
         if not verify:
             shared = _storages(model.parameters())
     ctx = PassContext(example_inputs_of(gm), n_random_inputs=n_random_inputs, seed=seed)
+    ctx.invalidate(gm)                         # nothing cached for a graph handed in from outside applies
     reference = None
     bar = tqdm(pipeline, desc="graphsel", unit="pass", disable=(not progress) if progress is not None else None,
                leave=False)

@@ -26,13 +26,8 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-def _load_library() -> None:
-    import graphsel.passes  # noqa: F401  (registers the built-in passes)
-
-
 def available_passes() -> dict[str, type[Pass]]:
-    """Registered passes by name (the built-in library is loaded on first use)."""
-    _load_library()
+    """Registered passes by name (``import graphsel`` registers the built-in library)."""
     return dict(sorted(_REGISTRY.items()))
 
 

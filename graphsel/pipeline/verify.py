@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+
+from graphsel.analysis.masks import has_masks
+from graphsel.pipeline.oracle import oracle_forward, oracle_interpreter
 
 TOLERANCES = {  # dtype: (rtol, atol) — error allowed = atol + rtol * max|reference|
     torch.float64: (1e-9, 1e-12),
@@ -55,12 +58,12 @@ class eval_mode:
         return False
 
 
-def reference_forward(gm: nn.Module, inputs: tuple) -> list[torch.Tensor]:
-    """Outputs under reference semantics (eval mode, no grad, masks applied when present)."""
-    from graphsel.analysis.masks import has_masks, oracle_forward
+def reference_forward(gm: nn.Module, inputs: tuple, ctx=None) -> list[torch.Tensor]:
+    """Outputs under reference semantics (eval mode, no grad, masks applied when present;
+    ``ctx``: the pipeline's context, whose cache the oracle uses)."""
     with torch.no_grad(), eval_mode(gm):
         if isinstance(gm, fx.GraphModule) and has_masks(gm):
-            out = oracle_forward(gm, inputs)
+            out = oracle_forward(gm, inputs, ctx)
         else:
             out = gm(*inputs)
     return [t.detach() for t in flatten_outputs(out)]
@@ -109,11 +112,10 @@ def compare_outputs(ref: list[list[torch.Tensor]], got: list[list[torch.Tensor]]
     return Deviation(max_abs, max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf), tol)
 
 
-def capture_node_outputs(gm: fx.GraphModule, inputs: tuple) -> dict[str, torch.Tensor]:
+def capture_node_outputs(gm: fx.GraphModule, inputs: tuple, ctx=None) -> dict[str, torch.Tensor]:
     """Every node's tensor output (reference semantics), keyed by node name."""
-    from graphsel.analysis.masks import has_masks, oracle_interpreter
     with torch.no_grad(), eval_mode(gm):
-        interp = oracle_interpreter(gm) if has_masks(gm) else _CapturingInterpreter(gm)
+        interp = oracle_interpreter(gm, ctx) if has_masks(gm) else _CapturingInterpreter(gm)
         interp.run(*inputs)
     return interp.captured
 
@@ -131,12 +133,12 @@ class _CapturingInterpreter(fx.Interpreter):
 
 
 def first_divergence(before: fx.GraphModule, after: fx.GraphModule, inputs: tuple,
-                     rtol: float | None = None, atol: float | None = None) -> tuple[str | None, str]:
+                     rtol: float | None = None, atol: float | None = None, ctx=None) -> tuple[str | None, str]:
     """The first node (in the order of ``after``) present in both graphs with the same output shape
     whose value differs beyond tolerance; ``(None, "")`` when none does."""
     try:
-        a = capture_node_outputs(before, inputs)
-        b = capture_node_outputs(after, inputs)
+        a = capture_node_outputs(before, inputs, ctx)
+        b = capture_node_outputs(after, inputs, ctx)
     except Exception as e:  # noqa: BLE001 - diagnosis only
         return None, f"could not compare node outputs: {type(e).__name__}: {e}"
     for n in after.graph.nodes:

@@ -10,7 +10,7 @@
     graphsel cost MODEL [--input-shape ...] [--top N] # the cost model's table
 
 MODEL is ``torchvision:NAME``, ``timm:NAME``, ``graphsel:NAME``, ``package.module:factory`` or a
-saved model file (see :mod:`graphsel.zoo`). Bad input gets a one-line message and exit code 2;
+saved model file (see :mod:`graphsel.tools.zoo`). Bad input gets a one-line message and exit code 2;
 ``--debug`` shows the traceback.
 """
 from __future__ import annotations
@@ -29,6 +29,25 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import inspect
+import re
+
+import torch
+from tabulate import tabulate
+from tqdm.auto import tqdm
+
+from graphsel.analysis.cost import cost
+from graphsel.errors import GraphselError
+from graphsel.ir.meta import graphsel_meta
+from graphsel.pipeline.phases import transform
+from graphsel.pipeline.registry import available_passes, pass_options, resolve_passes
+from graphsel.pipeline.report import human, report
+from graphsel.pipeline.verify import eval_mode
+from graphsel.tools.export import SUFFIXES, export
+from graphsel.tools.sconv_demo import selective_convolution
+from graphsel.tools.zoo import load_file, load_model, save
+from graphsel.version import __version__
+
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 # The demo's slimming pipeline. Extend it here (it is data: names or (name, {options}) pairs).
@@ -41,17 +60,9 @@ DEMO_PIPELINE: list[Any] = [
 DEMO_MODEL = "torchvision:resnet18"
 DEMO_INPUT_SHAPE = (1, 3, 224, 224)
 DEMO_EXPORT_FORMATS = ("pt2", "pickle")
-# Further demo sections, registered by pass packages (the selective-convolution example):
-# callables ``section(out_dir: Path, log: Callable[[str], None]) -> dict`` run after the main
-# demo; each returns a JSON-ready summary stored under its ``__name__`` in report.json.
-DEMO_SECTIONS: list[Callable[[Path, Callable[[str], None]], dict]] = []
-
-
-def register_demo_section(section: Callable[[Path, Callable[[str], None]], dict]):
-    """Decorator: run ``section`` in ``graphsel demo`` after the main pipeline."""
-    if section not in DEMO_SECTIONS:
-        DEMO_SECTIONS.append(section)
-    return section
+# Further demo sections (the selective-convolution example): ``section(out_dir, log) -> dict``
+# runs after the main demo; its JSON-ready summary is stored under its ``__name__`` in report.json.
+DEMO_SECTIONS: tuple[Callable[[Path, Callable[[str], None]], dict], ...] = (selective_convolution,)
 
 CONVERT_FORMATS = ("pt2", "onnx", "torchscript", "pickle", "graphsel")
 
@@ -76,8 +87,6 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def make_inputs(shapes: Sequence[str] | None) -> tuple | None:
-    import torch
-
     if not shapes:
         return None
     gen = torch.Generator().manual_seed(0)
@@ -108,10 +117,6 @@ def _literal(raw: str) -> Any:
 
 def measure_latency(model, inputs: tuple, *, min_seconds: float = 1.0, warmup: int = 3, max_runs: int = 200) -> float:
     """Median eager wall time of ``model(*inputs)`` in milliseconds (eval mode, inference mode)."""
-    import torch
-
-    from graphsel.pipeline.verify import eval_mode
-
     times: list[float] = []
     with eval_mode(model), torch.inference_mode():
         for _ in range(warmup):
@@ -127,8 +132,6 @@ def measure_latency(model, inputs: tuple, *, min_seconds: float = 1.0, warmup: i
 @contextlib.contextmanager
 def stage(desc: str):
     """A tqdm line with the elapsed time of a step that may take seconds (shown on terminals only)."""
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=1, desc=desc, bar_format="{desc}: {elapsed}", leave=False, disable=None, file=sys.stderr)
     try:
         yield bar
@@ -153,8 +156,6 @@ def _json_ready(obj: Any) -> Any:
 
 def history_json(gm) -> dict[str, Any]:
     """The graphsel metadata of ``gm`` as JSON-ready data (inputs, notes, leafed modules, pass rows)."""
-    from graphsel.ir.meta import graphsel_meta
-
     meta = graphsel_meta(gm, create=False)
     if meta is None:
         return {}
@@ -165,8 +166,6 @@ def history_json(gm) -> dict[str, Any]:
 
 def summary_line(doc: str, width: int = 100) -> str:
     """The first sentence of a docstring's first paragraph, without reST markup."""
-    import re
-
     para = " ".join(doc.strip().split("\n\n")[0].split())
     para = re.sub(r":\w+:`~?([^`]+)`", r"\1", para).replace("``", "")
     m = re.search(r"(?<=[.!?])\s(?=[A-Z])", para)
@@ -175,8 +174,6 @@ def summary_line(doc: str, width: int = 100) -> str:
 
 
 def _human(n: float) -> str:
-    from graphsel.pipeline.report import human
-
     return human(n)
 
 
@@ -188,13 +185,6 @@ def _out(text: str = "") -> None:
 # commands
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    import graphsel
-
-    from graphsel.tools.export import export
-    from graphsel.tools.zoo import load_model, save
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -203,10 +193,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _out(f"graphsel demo: {DEMO_MODEL} (random weights, no downloads), input {tuple(x.shape)}")
     _out("pipeline: " + ", ".join(p if isinstance(p, str) else f"{p[0]}{p[1]}" for p in DEMO_PIPELINE))
 
-    cost_before = graphsel.cost(model, (x,))
-    gm = graphsel.transform(model, DEMO_PIPELINE, (x,), progress=None)
-    cost_after = graphsel.cost(gm, (x,))
-    report_text = graphsel.report(gm)
+    cost_before = cost(model, (x,))
+    gm = transform(model, DEMO_PIPELINE, (x,), progress=None)
+    cost_after = cost(gm, (x,))
+    report_text = report(gm)
     _out()
     _out(report_text)
 
@@ -224,7 +214,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     checkpoint = save(gm, out / "resnet18_slim.graphsel.pt")
 
     sections = {}
-    import graphsel.passes  # noqa: F401 - registers the pass packages' demo sections
     for section in DEMO_SECTIONS:
         sections[section.__name__] = section(out, _out)
 
@@ -246,15 +235,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _suffix(fmt: str) -> str:
-    from graphsel.tools.export import SUFFIXES
-
     return SUFFIXES[fmt]
 
 
 def _before_after_table(before, after, lat_before: float, lat_after: float) -> str:
-    import torch
-    from tabulate import tabulate
-
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}×" if b else "-"
 
@@ -266,12 +250,6 @@ def _before_after_table(before, after, lat_before: float, lat_after: float) -> s
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    import graphsel
-
-    from graphsel.tools.export import export
-    from graphsel.pipeline.registry import resolve_passes
-    from graphsel.tools.zoo import load_model, save
-
     names = [p.strip() for p in args.passes.split(",") if p.strip()]
     if not names:
         raise UsageError("--passes is empty: give registered pass names, e.g. --passes fuse_bn (see: graphsel passes)")
@@ -281,8 +259,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     inputs = make_inputs(args.input_shape)
     with stage(f"loading {args.model}"):
         model = load_model(args.model).eval()
-    gm = graphsel.transform(model, pipeline, inputs, verify=not args.no_verify, progress=None)
-    _out(graphsel.report(gm))
+    gm = transform(model, pipeline, inputs, verify=not args.no_verify, progress=None)
+    _out(report(gm))
     out = Path(args.out)
     if args.format == "graphsel":
         is_dir = out.is_dir() or args.out.endswith(("/", os.sep))
@@ -298,11 +276,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    import graphsel
-
-    from graphsel.ir.meta import graphsel_meta
-    from graphsel.tools.zoo import load_file
-
     gm = load_file(args.path)
     if graphsel_meta(gm, create=False) is None:
         raise UsageError(f"{args.path} holds a {type(gm).__name__} without graphsel history (export artefacts and "
@@ -311,17 +284,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.json:
         _out(json.dumps(history_json(gm), indent=2))
     else:
-        _out(graphsel.report(gm))
+        _out(report(gm))
     return EXIT_OK
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
-    import inspect
-
-    from tabulate import tabulate
-
-    from graphsel.pipeline.registry import available_passes, pass_options
-
     rows = []
     for name, cls in available_passes().items():
         opts = []
@@ -337,15 +304,11 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    import graphsel
-
-    from graphsel.tools.zoo import load_model
-
     inputs = make_inputs(args.input_shape)
     with stage(f"loading {args.model}"):
         model = load_model(args.model).eval()
     with stage("cost analysis"):
-        report = graphsel.cost(model, inputs)
+        report = cost(model, inputs)
     if args.json:
         _out(json.dumps(report.to_dict(), indent=2))
         return EXIT_OK
@@ -359,8 +322,6 @@ def cmd_cost(args: argparse.Namespace) -> int:
 # parser and entry point
 
 def build_parser() -> argparse.ArgumentParser:
-    from graphsel import __version__
-
     p = argparse.ArgumentParser(
         prog="graphsel",
         description="graphsel: a channel-level graph compiler for PyTorch (torch.fx).",
@@ -415,8 +376,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bad_input_types() -> tuple[type[BaseException], ...]:
-    from graphsel.errors import GraphselError
-
     return (UsageError, GraphselError, ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError,
             IsADirectoryError, PermissionError, ImportError)
 

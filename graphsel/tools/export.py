@@ -137,9 +137,9 @@ def export(gm: nn.Module, path: str | os.PathLike, format: str = "pt2", example_
 
 
 def _inputs_for(gm: nn.Module, example_inputs: Any, format: str) -> tuple | None:
-    from graphsel.ir.tracing import _as_tuple, example_inputs_of
+    from graphsel.ir.tracing import as_tuple, example_inputs_of
 
-    inputs = _as_tuple(example_inputs)
+    inputs = as_tuple(example_inputs)
     if inputs is None and isinstance(gm, fx.GraphModule):
         inputs = example_inputs_of(gm)
     if inputs is None and format != "pickle":

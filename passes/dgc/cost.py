@@ -20,7 +20,7 @@ import math
 import torch.fx as fx
 import torch.nn as nn
 
-from graphsel.analysis.cost import register_module_cost
+from graphsel.ops import OpSpec, register_op
 
 from .module import DynamicGroupConv2d
 
@@ -61,7 +61,7 @@ def dgc_layer_cost(module: DynamicGroupConv2d, input_shapes: list[tuple[int, ...
 
 
 def dgc_macs(module: DynamicGroupConv2d, input_shapes: list[tuple[int, ...]], output_shape: tuple[int, ...]) -> dict:
-    """The rule registered with :func:`graphsel.analysis.cost.register_module_cost`: ``macs``,
+    """The rule registered with the operator table (``graphsel.register_op``): ``macs``,
     ``dense_macs`` and ``other_flops`` of :func:`dgc_layer_cost` (the additive ones, so that
     ``CostReport.total("dense_macs")`` is the dense model's MACs)."""
     c = dgc_layer_cost(module, input_shapes, output_shape)
@@ -115,4 +115,4 @@ def dgc_cost_table(gm: fx.GraphModule, example_inputs: tuple | None = None, fmt:
 
 
 # the one place the cost rule is registered (importing graphsel.passes registers it)
-register_module_cost(DynamicGroupConv2d, dgc_macs)
+register_op(DynamicGroupConv2d, OpSpec("dynamic_group_conv", cost=dgc_macs, category="module"))

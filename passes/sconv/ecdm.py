@@ -18,27 +18,16 @@ sees the whole kernel). Closed slots have E_i = 0.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
+from graphsel.analysis.activations import relu_gaussian_mean
+
 from .module import SelectiveConv2d, selective_modules
 
 SHIFT_INIT_RANGE = 1.5  # re-allocated copies get a shift drawn from U(−1.5, 1.5)² pixels
-
-
-def relu_gaussian_mean(beta: torch.Tensor, gamma: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """E[max(X, 0)] for X ~ N(β, γ²) (paper 000, eq. 1): |γ|φ(β/|γ|) + βΦ(β/|γ|), float64;
-    max(β, 0) as |γ| → 0."""
-    beta = beta.detach().double()
-    g = gamma.detach().double().abs()
-    safe = g.clamp_min(eps)
-    z = beta / safe
-    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-    e = safe * pdf + beta * torch.special.ndtr(z)
-    return torch.where(g > eps, e, beta.clamp_min(0.0))
 
 
 def expected_activation(bn: nn.BatchNorm2d) -> torch.Tensor:

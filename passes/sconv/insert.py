@@ -23,13 +23,12 @@ a diagnostic naming it and the reason, when:
 **Convs with bias** are accepted: the bias is not indexed by input channels, so it is kept as is
 (dealloc's mean compensation adds to it). Options: ``K`` (re-allocation fan-in; default 3 for 1×1
 convs, 0 for larger kernels), ``gamma`` (dealloc threshold in (0, 1), default 1e-3), ``n_max`` (cap on
-the copies of one channel), ``include`` / ``exclude`` (conv module paths, ``fnmatch`` patterns, or a
-predicate ``fn(path, conv) -> bool``). A graph without the pattern is a reported no-op.
+the copies of one channel), ``include`` / ``exclude`` (module names or globs, module classes, or a predicate
+``fn(path, conv) -> bool``: :class:`graphsel.pipeline.select.ModuleSelection`). A graph without the pattern is a reported no-op.
 """
 from __future__ import annotations
 
-import fnmatch
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -37,10 +36,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.operator_schemas import normalize_function
 
-from graphsel import Contract, Diagnostic, Optional, Pass, PassResult, Pattern, register_pass
+from graphsel.analysis.patterns import DROPOUT, RELU, Optional, Pattern, describe, first_input
 from graphsel.ir.graph import call_count, delete_unused_modules, replace_module
 from graphsel.ir.meta import graphsel_meta
-from graphsel.analysis.patterns import DROPOUT, RELU, describe, first_input
+from graphsel.pipeline.passbase import Contract, Diagnostic, Pass, PassResult
+from graphsel.pipeline.registry import register_pass
+from graphsel.pipeline.select import ModuleSelection
 
 from .module import DEFAULT_GAMMA, SelectiveConv2d, check_options
 
@@ -49,21 +50,6 @@ PATTERN = Pattern(nn.BatchNorm2d, RELU, Optional(DROPOUT), nn.Conv2d, single_use
 
 _DROPOUT_MODULES = {F.dropout: nn.Dropout, torch.dropout: nn.Dropout, torch.dropout_: nn.Dropout,
                     F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d, F.dropout3d: nn.Dropout3d}
-
-PathRule = Any  # str | Iterable[str] | Callable[[str, nn.Module], bool] | None
-
-
-def _rule(rule: PathRule, what: str) -> Callable[[str, nn.Module], bool] | None:
-    if rule is None:
-        return None
-    if callable(rule):
-        return lambda path, conv: bool(rule(path, conv))
-    patterns = [rule] if isinstance(rule, str) else list(rule) if isinstance(rule, Iterable) else [rule]
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{what} must be a module path, an fnmatch pattern, a list of them, or a "
-                        f"predicate fn(path, conv) -> bool; got {rule!r}")
-    return lambda path, conv: any(path == p or fnmatch.fnmatchcase(path, p) for p in patterns)
-
 
 def _dropout_module(node: fx.Node, gm: fx.GraphModule) -> tuple[nn.Module | None, str | None, str | None]:
     """(module, origin path, problem) for the dropout node of a match."""
@@ -104,12 +90,10 @@ class InsertSelectiveConv(Pass):
     contract = Contract.EXACT
 
     def __init__(self, K: int | None = None, gamma: float = DEFAULT_GAMMA, n_max: int | None = None,
-                 include: PathRule = None, exclude: PathRule = None):
+                 include: Any = None, exclude: Any = None):
         check_options(K, gamma, n_max)
         super().__init__(K=K, gamma=gamma, n_max=n_max, include=include, exclude=exclude)
-        self.K, self.gamma, self.n_max = K, gamma, n_max
-        self.include = _rule(include, "include")
-        self.exclude = _rule(exclude, "exclude")
+        self.selection = ModuleSelection(include, exclude, owner=self.name)
 
     # -- matching ---------------------------------------------------------------------------
     def _check(self, m, gm: fx.GraphModule) -> str | None:
@@ -135,11 +119,7 @@ class InsertSelectiveConv(Pass):
                     f"BatchNorm2d semantics are supported")
         if len(bn_node.args) != 1 or bn_node.kwargs or len(conv_node.args) != 1 or conv_node.kwargs:
             return "the BatchNorm or conv call has extra arguments"
-        if self.include is not None and not self.include(conv_node.target, conv):
-            return "not selected by include"
-        if self.exclude is not None and self.exclude(conv_node.target, conv):
-            return "excluded by exclude"
-        return None
+        return self.selection.why_not(conv_node.target, conv)
 
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         diags: list[Diagnostic] = []

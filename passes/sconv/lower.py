@@ -40,22 +40,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from graphsel import Contract, Diagnostic, Pass, PassResult, register_pass
+from graphsel.analysis.masks import add_consumer_mask
 from graphsel.ir.graph import add_module, delete_unused_modules, replace_module, unique_module_path
-from graphsel.ir.meta import graphsel_meta
+from graphsel.pipeline.passbase import Contract, Diagnostic, Pass, PassResult
+from graphsel.pipeline.registry import register_pass
 
 from .module import SelectiveConv2d, selective_modules
 from .shift import shift_kernels
-
-
-def _record_consumer_mask(gm: fx.GraphModule, consumer: str, removed: list[int]) -> None:
-    try:
-        from graphsel.analysis.masks import add_consumer_mask
-    except ImportError:  # pragma: no cover - the channel compiler provides it
-        graphsel_meta(gm).state.setdefault("lower_selective_conv", {}).setdefault("consumer_masks", {})[
-            consumer] = list(removed)
-        return
-    add_consumer_mask(gm, consumer=consumer, removed=removed)
 
 
 def _free_path(gm: fx.GraphModule, preferred: str | None, fallback: str) -> str:
@@ -153,7 +144,7 @@ def lower_node(gm: fx.GraphModule, node: fx.Node) -> dict[str, int]:
     graph.erase_node(node)
     replace_module(gm, path, conv)
     if removed:
-        _record_consumer_mask(gm, path, removed)
+        add_consumer_mask(gm, path, removed)
     return {"copies": len(copies), "removed": len(removed), "shifted": int(shift_mod is not None)}
 
 

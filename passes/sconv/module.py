@@ -39,8 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphsel import register_leaf_module
-from graphsel.analysis.cost import register_module_cost
+from graphsel.ir.tracing import register_leaf_module
+from graphsel.ops import OpSpec, register_op
 
 from .shift import bilinear_shift
 
@@ -223,4 +223,5 @@ def _cost(m: SelectiveConv2d, input_shapes: list, output_shape: tuple) -> dict:
     return {"macs": per_slot * c, "other_flops": other, "open_macs": per_slot * n_open}
 
 
-register_module_cost(SelectiveConv2d, _cost, category="conv")
+# a barrier for the channel analysis (its slots are rewired during training); costed as a conv
+register_op(SelectiveConv2d, OpSpec("selective_conv", cost=_cost, category="conv"))

@@ -13,17 +13,15 @@ from typing import Callable
 
 import torch
 
-import graphsel
-from graphsel.tools.cli import register_demo_section
+from graphsel.analysis.cost import cost
+from graphsel.passes.selective_conv import allocation, dealloc, realloc
+from graphsel.pipeline.phases import transform
+from graphsel.pipeline.report import report
 from graphsel.tools.models import densenet_cifar
-
-from .ecdm import dealloc, realloc
-from .training import allocation
 
 DEMO_GAMMA = 0.05
 
 
-@register_demo_section
 def selective_convolution(out_dir: Path, log: Callable[[str], None]) -> dict:
     """Insert → dealloc/realloc → export on DenseNet-40; logs and returns a summary."""
     torch.manual_seed(0)
@@ -39,7 +37,7 @@ def selective_convolution(out_dir: Path, log: Callable[[str], None]) -> dict:
     x = torch.randn(2, 3, 32, 32, generator=g)
     log("")
     log("selective convolution: DenseNet-40 (CIFAR, random weights), insert → dealloc/realloc → export")
-    gm = graphsel.transform(model, ["insert_selective_conv"], (x,), progress=None)
+    gm = transform(model, ["insert_selective_conv"], (x,), progress=None)
     closed = sum(len(r.closed) for r in dealloc(gm, gamma=DEMO_GAMMA).values())
     reopened = sum(len(r.reallocated) for r in realloc(gm, generator=torch.Generator().manual_seed(2)).values())
     alloc = allocation(gm)
@@ -49,14 +47,14 @@ def selective_convolution(out_dir: Path, log: Callable[[str], None]) -> dict:
         f"{reopened} as shifted copies; {still_closed} stay closed")
     with torch.no_grad():
         y_selective = gm(x)
-    slim = graphsel.transform(gm, ["lower_selective_conv", "fold_masks", "materialize"], progress=None)
+    slim = transform(gm, ["lower_selective_conv", "fold_masks", "materialize"], progress=None)
     with torch.no_grad():
         err = (slim(x) - y_selective).abs().max().item()
-    before, after = graphsel.cost(model, (x[:1],)), graphsel.cost(slim, (x[:1],))
+    before, after = cost(model, (x[:1],)), cost(slim, (x[:1],))
     log(f"  exported graph: params {before.params / 1e6:.3f}M → {after.params / 1e6:.3f}M, "
         f"MACs {before.macs / 1e6:.1f}M → {after.macs / 1e6:.1f}M; max |exported − selective| = {err:.1e}; "
         f"no SelectiveConv2d left: {not any(type(m).__name__ == 'SelectiveConv2d' for m in slim.modules())}")
-    (out_dir / "selective_conv_report.txt").write_text(graphsel.report(slim) + "\n", encoding="utf-8")
+    (out_dir / "selective_conv_report.txt").write_text(report(slim) + "\n", encoding="utf-8")
     return {"model": "densenet_cifar(40)", "selective_convs": len(alloc), "closed_by_dealloc": closed,
             "reopened_as_copies": reopened, "copies": copies, "closed": still_closed,
             "params": [before.params, after.params], "macs": [before.macs, after.macs], "max_abs_error": err}
