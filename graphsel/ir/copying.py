@@ -92,6 +92,12 @@ def _copy(obj: Any, memo: dict[int, Any]) -> Any:
     hit = memo.get(id(obj), memo)
     if hit is not memo:
         return hit
+    if isinstance(obj, torch.Tensor) and obj.grad_fn is not None:
+        # a tensor derived from parameters under autograd (a cache an eval forward filled):
+        # deepcopy refuses it; the copy holds it as a constant
+        new = obj.detach().clone()
+        memo[id(obj)] = new
+        return new
     if isinstance(obj, nn.Module) and _default_protocol(type(obj)):
         cls = type(obj)
         new = cls.__new__(cls)
@@ -104,6 +110,8 @@ def _copy(obj: Any, memo: dict[int, Any]) -> Any:
         new = type(obj)()
         memo[id(obj)] = new
         for k, v in obj.items():
+            if isinstance(v, torch.Tensor) and v.grad_fn is not None:
+                continue              # a cache entry derived from parameters: the model rebuilds it
             new[_copy(k, memo)] = _copy(v, memo)
         return new
     if type(obj) is set and not obj:
@@ -112,4 +120,26 @@ def _copy(obj: Any, memo: dict[int, Any]) -> Any:
         return new
     if type(obj) is tuple and all(type(v) in _ATOMS for v in obj):
         return obj                                   # what copy.deepcopy returns for such tuples
-    return copy.deepcopy(obj, memo)
+    if isinstance(obj, nn.Module):
+        _seed_derived_tensors(obj, memo)             # a module with its own copy protocol
+        return copy.deepcopy(obj, memo)
+    try:
+        return copy.deepcopy(obj, memo)
+    except Exception:  # noqa: BLE001 - not copyable (a lock, a handle, a generator): the copy shares it
+        memo[id(obj)] = obj
+        return obj
+
+
+def _seed_derived_tensors(module: nn.Module, memo: dict[int, Any]) -> None:
+    """Memo entries holding detached copies of the tensors derived under autograd that a module
+    keeps in its attributes, so that ``copy.deepcopy`` of it does not refuse them."""
+    stack = list(vars(module).values())
+    while stack:
+        v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            if v.grad_fn is not None and id(v) not in memo:
+                memo[id(v)] = v.detach().clone()
+        elif isinstance(v, (list, tuple, set)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())

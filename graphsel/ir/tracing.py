@@ -38,20 +38,32 @@ from graphsel.ir.meta import GraphselMeta, LeafRecord, META_KEY
 from graphsel.ir.shapes import propagate_shapes
 
 _REGISTERED_LEAVES: list[type] = []
+_REGISTERED_LEAF_NAMES: set[str] = set()      # "package.module.Class" of classes not imported here
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_IMAGE_SIZES = (224, 32, 28, 64, 299, 96)
 
 
-def register_leaf_module(cls: type) -> type:
+def register_leaf_module(cls: type | str) -> type | str:
     """Register a module class that tracing must keep as one opaque ``call_module`` node
-    (graphsel's own trainable modules, e.g. selective convolutions, use this).
-    Usable as a class decorator."""
+    (graphsel's own trainable modules, e.g. selective convolutions, use this), or its qualified
+    name (``"timm.layers.std_conv.StdConv2d"``: a library that need not be imported). Usable as
+    a class decorator."""
+    if isinstance(cls, str):
+        if not all(part.isidentifier() for part in cls.split(".")) or "." not in cls:
+            raise ValueError(f"register_leaf_module: {cls!r} is not a qualified class name")
+        _REGISTERED_LEAF_NAMES.add(cls)
+        return cls
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"register_leaf_module expects an nn.Module subclass, got {cls!r}")
     if cls not in _REGISTERED_LEAVES:
         _REGISTERED_LEAVES.append(cls)
     return cls
+
+
+def _named_leaf(m: nn.Module) -> bool:
+    return bool(_REGISTERED_LEAF_NAMES) and any(
+        f"{k.__module__}.{k.__qualname__}" in _REGISTERED_LEAF_NAMES for k in type(m).__mro__)
 
 
 class _BufferProxy(ParameterProxy):
@@ -93,6 +105,8 @@ class GraphselTracer(fx.Tracer):
         if module_qualified_name in self.leaf_paths:
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        if _named_leaf(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -5,6 +5,7 @@ convolutions with parameter arguments and matrix products are barriers for chann
 from __future__ import annotations
 
 import numpy as np
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -99,3 +100,61 @@ register_op(F.linear, OpSpec("linear", functional_layer_channels, cost=linear_fu
 register_op(named("matmul", "mm", "bmm", "imatmul"), OpSpec("matmul", cost=matmul_function, category="matmul"))
 register_op(named("addmm", "baddbmm"), OpSpec("addmm", cost=addmm_function, category="matmul"))
 register_op(named("einsum"), OpSpec("einsum", cost=einsum_function, category="matmul"))
+
+
+# -- weight-standardised convolutions (timm's StdConv2d / ScaledStdConv2d, BiT, NFNets) ----------------
+# Each filter is standardised over its own (C_in/groups × k × k) weights: removing output channels
+# leaves the other filters' standardisation as it is (exact), removing input channels would change
+# it — so a sliced input side freezes the standardisation at the current weights: the layer
+# becomes a plain Conv2d holding its standardised weight (exact w.r.t. the masked model; in
+# deployment that weight is a constant anyway, see the ``fold_weight_std`` pass).
+
+def standardized_weight(m: nn.Module) -> torch.Tensor:
+    """The weight a weight-standardised conv convolves with (its forward's own formula)."""
+    gain = getattr(m, "gain", None)
+    scale = (gain * m.scale).view(-1) if gain is not None else None
+    with torch.no_grad():
+        return F.batch_norm(m.weight.reshape(1, m.out_channels, -1), None, None, weight=scale, training=True,
+                            momentum=0.0, eps=m.eps).reshape_as(m.weight)
+
+
+def as_plain_conv(m: nn.Module) -> nn.Conv2d:
+    """A plain Conv2d computing what the weight-standardised ``m`` computes (static padding)."""
+    conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                     bias=m.bias is not None, padding_mode=m.padding_mode, device=m.weight.device,
+                     dtype=m.weight.dtype)
+    conv.weight = nn.Parameter(standardized_weight(m).detach().clone(), requires_grad=m.weight.requires_grad)
+    if m.bias is not None:
+        conv.bias = m.bias
+    conv.train(m.training)
+    return conv
+
+
+def ws_conv_channels(cx, node, m, args, kwargs):
+    """A conv whose dynamic SAME padding cannot become a plain conv keeps its input channels."""
+    x = ch.first_arg(args, kwargs)
+    if getattr(m, "same_pad", False) and isinstance(x, TensorVal) and x.has_channels:
+        cx.a.freeze(x.ids, f"weight-standardised conv '{node.target}' with dynamic SAME padding keeps its inputs")
+    return conv_channels(cx, node, m, args, kwargs)
+
+
+def slice_ws_conv(m: nn.Module, parts: dict) -> nn.Module:
+    if "in" in parts:                                    # standardisation frozen, then sliced
+        return slice_conv_rule(as_plain_conv(m), parts)
+    new = slice_conv_rule(m, parts)
+    if "out" in parts and getattr(m, "gain", None) is not None:
+        new._parameters["gain"] = nn.Parameter(m.gain.detach().index_select(0, parts["out"]),
+                                               requires_grad=m.gain.requires_grad)
+    return new
+
+
+def ws_conv_cost(m, ins, out):
+    d = conv_module(m, ins, out)
+    d["other_flops"] = d.get("other_flops", 0) + 4 * m.weight.numel()     # the standardisation
+    return d
+
+
+register_op([f"timm.layers.std_conv.{c}" for c in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d",
+                                                   "ScaledStdConv2dSame")],
+            OpSpec("weight_standardized_conv", ws_conv_channels, cost=ws_conv_cost, category="conv",
+                   slice=slice_ws_conv))

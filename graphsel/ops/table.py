@@ -111,6 +111,8 @@ def register_op(target: type | Callable | str | Iterable, spec: OpSpec) -> OpSpe
             if not t or not all(part.isidentifier() for part in t.split(".")):
                 raise ValueError(f"register_op: {t!r} is neither a method name nor a dotted qualified name")
             (_TABLE.qualnames if "." in t else _TABLE.methods)[t] = spec
+            if "." in t and spec.channels is not None:
+                register_leaf_module(t)          # (when it names a module class) traced as one node
         elif callable(t):
             try:
                 _TABLE.functions[t] = spec
