@@ -81,16 +81,14 @@ class Structure:
     depth: int = 0
 
     def heads_for(self, heads: int | str) -> int:
-        """The number of auxiliary classifiers ``heads`` asks for (an int, or ``"auto"``), capped
-        so that every pivot lies before the last block."""
-        room = max(0, len(self.blocks) - 1)
-        if heads == "auto":
-            return min(room, max(1, int(self.depth / 10 + 0.5)))
-        return min(room, int(heads))
+        """The number of auxiliary classifiers ``heads`` (an int, or ``"auto"``) gives: at most one
+        per block before the last (pivots that coincide count once)."""
+        return len(self.pivots(heads))
 
     def pivots(self, heads: int | str) -> list[int]:
         """Indices (0-based) of the blocks after which the auxiliary classifiers go."""
-        return pivot_blocks(len(self.blocks), self.heads_for(heads))
+        asked = max(1, int(self.depth / 10 + 0.5)) if heads == "auto" else int(heads)
+        return pivot_blocks(len(self.blocks), min(asked, max(0, len(self.blocks) - 1)))
 
 
 def check_heads(heads, owner: str) -> None:

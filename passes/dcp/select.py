@@ -63,7 +63,7 @@ class Totals:
 
     def mean(self) -> "Totals":
         n = max(1, self.samples)
-        return Totals(None if self.grad is None else self.grad / n, self.loss / n, self.mse / n, self.ce / n, n)
+        return Totals(None if self.grad is None else self.grad.div_(n), self.loss / n, self.mse / n, self.ce / n, n)
 
 
 @dataclass
@@ -162,27 +162,32 @@ def accumulate(problem: LayerProblem, weight: torch.Tensor, grad: bool = True) -
     """Sample-weighted sums over one pass of the data at ``weight`` (the layer's parameter): the
     gradient ∂L/∂W, the losses and the sample count — the one place where statistics cross
     batches (where an all-reduce over processes would go)."""
-    total = Totals(torch.zeros_like(weight) if grad else None, 0.0, 0.0, 0.0, 0)
+    total = Totals(None, 0.0, 0.0, 0.0, 0)
     for b in problem.batches():
         n = len(b.targets)
         with torch.set_grad_enabled(grad):
             loss, mse, ce = problem.loss(b)
         if grad:
             g, = torch.autograd.grad(loss, weight)
-            total.grad += g * n
+            g.mul_(n)
+            total.grad = g if total.grad is None else total.grad.add_(g)
         total.loss += float(loss.detach()) * n
         total.mse += float(mse.detach()) * n
         total.ce += float(ce.detach()) * n
         total.samples += n
+    if grad and total.grad is None:
+        total.grad = torch.zeros_like(weight)
     return total.mean()
 
 
 def channel_scores(grad: torch.Tensor, score: str = "paper") -> torch.Tensor:
-    """One score per input channel (dimension 1 of ``grad``)."""
-    per_in = grad.transpose(0, 1).reshape(grad.shape[1], grad.shape[0], -1)
+    """One score per input channel (dimension 1 of ``grad``): ‖grad[:, k]‖_F (``"paper"``) or
+    Σ_j ‖grad[j, k]‖_F (``"authors"``)."""
+    sq = grad.pow(2)
     if score == "authors":
-        return per_in.norm(dim=2).sum(1)
-    return per_in.reshape(grad.shape[1], -1).norm(dim=1)
+        per_filter = sq.sum(dim=tuple(range(2, grad.dim()))) if grad.dim() > 2 else sq
+        return per_filter.sqrt().sum(0)
+    return sq.sum(dim=[d for d in range(grad.dim()) if d != 1]).sqrt()
 
 
 def _column_mask(weight: torch.Tensor, kept: list[int]) -> torch.Tensor:
