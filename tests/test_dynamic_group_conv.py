@@ -676,3 +676,232 @@ def test_zoo_insertion_is_exact(name, size):
     assert len(converted) == expected
     rec = graphsel.graphsel_meta(out).history[-1]
     assert rec.stats["skipped"] == _conv_count(model) - expected
+
+
+# ------------------------------------------------------------------------------------------------
+# the papers' options: saliency init, placement, the training driver and its evaluation threshold,
+# random gating (the learned-saliency ablation)
+
+def _rel_deviation(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        ya, yb = a.eval()(x), b.eval()(x)
+    return float((ya - yb).abs().max() / ya.abs().max())
+
+
+def test_authors_init_is_reported_structural_and_the_default_stays_exact():
+    default, authors = ApplyDynamicGroupConv(), ApplyDynamicGroupConv(init="authors")
+    assert default.contract is graphsel.Contract.EXACT and default.init == "exact"
+    assert authors.contract is graphsel.Contract.STRUCTURAL
+    assert any("init='authors'" in why for why in authors.contract_reasons)
+    model = resnet_cifar(8, shortcut="B", in_channels=1).eval()
+    x = torch.randn(4, 1, 16, 16)
+    exact = graphsel.transform(model, [default], x)                # verified exact by the pipeline
+    assert_same_function(model, exact, x)
+    rec = graphsel.graphsel_meta(exact).history[-1]
+    assert rec.contract == "exact" and "contract" not in rec.stats and graphsel.graphsel_meta(exact).state["dynamic_group_conv"]["contract"] == "exact"
+    for _, m in dgc.dgc_modules(exact):
+        assert torch.all(m.saliency.fc2_weight == 0) and torch.all(m.saliency.fc2_bias == 1)
+    torch.manual_seed(0)
+    changed = graphsel.transform(model, [authors], x)             # structural: verified for shapes only
+    rec = graphsel.graphsel_meta(changed).history[-1]
+    assert rec.contract == "structural"
+    assert rec.stats["init"] == "authors" and rec.stats["contract"] == "structural"
+    assert graphsel.graphsel_meta(changed).state["dynamic_group_conv"]["contract"] == "structural"
+    assert any(d.level == "info" and "contract structural" in d.message and "init='authors'" in d.message
+               for d in rec.diagnostics)
+    for _, m in dgc.dgc_modules(changed):
+        assert torch.all(m.saliency.fc2_bias == 1) and m.saliency.fc2_weight.abs().sum() > 0
+    # by design, not a small approximation: the outputs move by tens of per cent
+    assert _rel_deviation(model, changed, x) > 0.05
+
+
+def test_authors_init_draws_fc2_kaiming_normal_with_unit_bias():
+    torch.manual_seed(0)
+    gen = dgc.SaliencyGenerator(256, 4, 32, init="authors")
+    w = gen.fc2_weight.detach()
+    assert w.std().item() == pytest.approx((2 / 32) ** 0.5, rel=0.05)        # Kaiming: fan-in d, gain √2
+    assert abs(w.mean().item()) < 0.01 and torch.all(gen.fc2_bias == 1)
+    assert gen.fc1_weight.std().item() == pytest.approx((2 / 256) ** 0.5, rel=0.05)
+    exact = dgc.SaliencyGenerator(256, 4, 32)
+    assert torch.all(exact(torch.randn(3, 256)) == 1)
+    exact.reset_parameters("authors")
+    assert exact.init == "authors" and exact.fc2_weight.abs().sum() > 0
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    assert DynamicGroupConv2d.from_conv(conv, init="authors").saliency.init == "authors"
+    for bad in ("kaiming", None, 1):
+        with pytest.raises(ValueError, match="init must be one of"):
+            dgc.SaliencyGenerator(8, 2, 2, init=bad)
+        with pytest.raises(ValueError, match="init must be one of"):
+            ApplyDynamicGroupConv(init=bad)
+
+
+def test_paper_placement_on_a_densenet_converts_the_1x1_convs_only_and_keeps_the_stem_static():
+    from graphsel.tools.models import densenet_cifar
+    model = densenet_cifar(16, 8, in_channels=4).eval()          # a 4-channel stem is eligible for 4 heads
+    x = torch.randn(2, 4, 16, 16)
+    every = graphsel.transform(model, ["dynamic_group_conv"], x)
+    assert "stem" in {p for p, _ in dgc.dgc_modules(every)}
+    p = ApplyDynamicGroupConv(placement="paper")
+    assert p.add_bn_relu and p.contract is graphsel.Contract.STRUCTURAL
+    out = graphsel.transform(model, [p], x)
+    converted = {path for path, _ in dgc.dgc_modules(out)}
+    one_by_one = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)}
+    assert converted == one_by_one and all(path.endswith("brc1.conv") for path in converted)
+    rec = graphsel.graphsel_meta(out).history[-1]
+    assert rec.stats["family"] == "densenet" and rec.stats["placement"] == "paper"
+    assert rec.stats["static_by_placement"] == 1 + len(converted)           # the stem and every 3×3
+    static = {d.where: d.message for d in rec.diagnostics if d.level == "info" and "static" in d.message}
+    assert "stem" in static["stem"] and "1×1 convs only" in static["features.0.0.brc2.conv"]
+    assert rec.stats["added_bn_relu"] == 0                 # pre-activation: every BN → ReLU is absorbed
+    # a pre-activation net gains no BN, so without add_bn_relu the paper's placement is exact
+    exact = ApplyDynamicGroupConv(placement="paper", add_bn_relu=False)
+    assert exact.contract is graphsel.Contract.EXACT
+    assert_same_function(model, graphsel.transform(model, [exact], x), x)
+    assert dgc.detect_family(graphsel.trace(model, x)) == "densenet"
+
+
+def test_paper_placement_on_a_resnet_converts_the_block_convs_each_with_its_own_bn_relu():
+    model = resnet_cifar(8, shortcut="B", in_channels=4).eval()
+    x = torch.randn(2, 4, 16, 16)
+    out = graphsel.transform(model, [("dynamic_group_conv", {"placement": "paper"})], x)
+    converted = {path for path, _ in dgc.dgc_modules(out)}
+    block = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n.startswith("features.")}
+    assert converted == block                             # 3×3 block convs and the 1×1 projections
+    rec = graphsel.graphsel_meta(out).history[-1]
+    assert rec.stats["family"] == "resnet" and rec.stats["static_by_placement"] == 1     # the stem
+    assert all(m.norm is not None and m.pre_relu for _, m in dgc.dgc_modules(out))
+    assert rec.stats["absorbed_bn_relu"] == 3 and rec.stats["added_bn_relu"] == len(block) - 3
+    assert dgc.detect_family(graphsel.trace(model, x)) == "resnet"
+    forced = graphsel.transform(model, [("dynamic_group_conv", {"placement": "paper", "family": "densenet"})], x)
+    assert {p for p, _ in dgc.dgc_modules(forced)} == {n for n in block if "downsample" in n}
+    with pytest.raises(ValueError, match="placement must be one of"):
+        ApplyDynamicGroupConv(placement="some")
+    with pytest.raises(ValueError, match="family must be one of"):
+        ApplyDynamicGroupConv(family="vgg")
+
+
+def test_paper_placement_on_resnet18_keeps_the_paper_macs():
+    """The paper's placement converts the same 19 convs of torchvision's ResNet-18 (the stem has 3
+    channels) and adds a BN → ReLU to the 11 that lack one; the DGC MACs stay within 1 % of 890 M."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18()
+    x = torch.randn(1, 3, 224, 224)
+    gm = graphsel.transform(model, [("dynamic_group_conv", {"ratio": 0.55, "placement": "paper"})], x, verify=False)
+    dgc.set_progress(gm, 1.0)
+    rec = graphsel.graphsel_meta(gm).history[-1]
+    assert len(dgc.dgc_modules(gm)) == 19 and rec.stats["added_bn_relu"] == 11 and rec.stats["family"] == "resnet"
+    assert graphsel.cost(gm).macs == pytest.approx(890e6, rel=0.01)
+
+
+def _train_random(model, trainer, steps: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    for step in range(steps):
+        x, y = torch.randn(8, 1, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
+        trainer.before_step(step)
+        loss = F.cross_entropy(model(x), y) + trainer.regularizer()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        trainer.after_step(step)
+
+
+def test_training_driver_evaluates_with_the_last_training_threshold_by_default():
+    model = _dgc_resnet()
+    trainer = dgc.DGCTraining(model, 24, gating="global", threshold_updates=4, window=2)
+    assert trainer.update_every == 6 and trainer.angle == 1e-4
+    _train_random(model, trainer, 24)
+    assert [u.step for u in trainer.history] == [6, 12, 18]           # never after the last iteration
+    assert trainer.history[-1].ratio == pytest.approx(dgc.schedule_ratio(0.5, 17 / 24))
+    last = trainer.history[-1].threshold
+    report = trainer.finish()
+    assert report.policy == "last_training" and report.gating == "global" and report.updates == 3
+    assert report.threshold == report.training_threshold == pytest.approx(last)
+    assert report.last_update_step == 18 and report.recalibration_batches is None
+    for _, m in dgc.dgc_modules(model):
+        assert m.gating == "global" and float(m.threshold) == pytest.approx(last)     # not re-fitted
+    assert report.as_dict()["policy"] == "last_training"
+
+
+def test_training_driver_recalibrates_only_when_asked_and_says_so():
+    model = _dgc_resnet()
+    trainer = dgc.DGCTraining(model, 24, gating="global", threshold_updates=4, window=2)
+    _train_random(model, trainer, 24)
+    batches = [torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with pytest.raises(ValueError, match="needs data"):
+        trainer.finish("recalibrate")
+    with pytest.raises(ValueError, match="policy must be one of"):
+        trainer.finish("latest")
+    report = trainer.finish("recalibrate", data=iter(batches), max_batches=2)
+    assert report.policy == "recalibrate" and report.recalibration_batches == 2
+    assert report.threshold != pytest.approx(report.training_threshold)
+    assert abs(_measured_rate(model.eval(), batches[:2]) - 0.5) <= 0.01          # fitted on those batches
+    # no calibration during training: the default policy has no threshold to keep
+    short = _dgc_resnet()
+    trainer = dgc.DGCTraining(short, 4, gating="global", threshold_updates=1, window=2)
+    _train_random(short, trainer, 4)
+    with pytest.raises(RuntimeError, match="no global-threshold calibration"):
+        trainer.finish()
+
+
+def test_training_driver_head_wise_has_no_threshold_policy():
+    model = _dgc_resnet()
+    trainer = dgc.DGCTraining(model, 8)
+    assert trainer.gating == "head" and trainer.angle == 0.0 and trainer.library is None
+    _train_random(model, trainer, 8)
+    report = trainer.finish()
+    assert report.policy == "none" and report.threshold is None and report.updates == 0
+    assert all(int(m.k) == round(m.in_channels * 0.5) and m.gating == "head" for _, m in dgc.dgc_modules(model))
+    model(torch.randn(2, 1, 16, 16))
+    assert trainer.regularizer().item() == pytest.approx(dgc.saliency_lasso(model).item())
+    with pytest.raises(ValueError, match="gating must be one of"):
+        dgc.DGCTraining(model, 8, gating="random")
+    with pytest.raises(ValueError, match="total_steps"):
+        dgc.DGCTraining(model, 0)
+
+
+def test_random_gating_keeps_random_channels_with_unit_gates():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, padding=1, bias=False)
+    m = DynamicGroupConv2d.from_conv(conv, heads=4, norm=random_bn(16, torch.Generator().manual_seed(1)),
+                                     pre_relu=True).eval()
+    m.set_k(10)
+    holder = nn.Sequential(m)
+    assert dgc.use_random_gating(holder, seed=3) == ["0"]
+    assert isinstance(m.saliency, dgc.RandomSaliency) and m.saliency.hidden == 0
+    x = torch.randn(64, 16, 6, 6)
+    with torch.no_grad():
+        out = m(x)
+    g = m.last_saliency
+    assert torch.all((g >= 1) & (g <= 1 + 1e-3))                         # gates of 1 (to within ε)
+    assert torch.all(m.last_kept == 6)
+    # the kept sets differ between samples and heads, each channel kept about 6/16 of the time
+    kept = torch.zeros(64, 4, 16).scatter(-1, torch.topk(g, 6, dim=-1).indices, 1.0)
+    assert len({tuple(k.flatten().tolist()) for k in kept}) == 64
+    freq = kept.mean(dim=(0, 1))
+    assert torch.all((freq > 0.2) & (freq < 0.56))
+    # the output is the conv over the randomly kept channels, gated by ~1
+    with torch.no_grad():
+        xhat = torch.relu(m.norm(x))
+        ref = torch.zeros_like(out)
+        for h in range(4):
+            w = m.weight[h * 2:(h + 1) * 2]
+            ref[:, h::4] = torch.stack([F.conv2d(xhat[s:s + 1] * (kept[s, h] * g[s, h]).view(1, -1, 1, 1), w, None, 1, 1)[0]
+                                        for s in range(64)])
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    # fresh draws at every forward; the same seed reproduces them
+    with torch.no_grad():
+        again = m(x)
+    assert not torch.equal(out, again)
+    twin = copy.deepcopy(holder)
+    dgc.use_random_gating(twin, seed=3)
+    dgc.use_random_gating(holder, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(holder(x), twin(x))
+    # no saliency MACs; head-wise only
+    cost = dgc.dgc_layer_cost(m, [tuple(x.shape)], tuple(out.shape))
+    assert cost["saliency_macs"] == 0
+    m.set_gating("global")
+    with pytest.raises(ValueError, match="random gating is head-wise"):
+        dgc.use_random_gating(holder)

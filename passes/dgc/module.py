@@ -37,25 +37,45 @@ def squeeze_width(in_channels: int, squeeze_rate: int = 16) -> int:
     return max(1, in_channels // max(1, r))
 
 
+SALIENCY_INITS = ("exact", "authors")
+
+
 class SaliencyGenerator(nn.Module):
     """H independent generators over the pooled input: ``fc1`` (C → d, no bias) → ReLU → ``fc2``
     (d → C, bias). Returns the pre-activation saliencies, N × H × C.
 
     Parameters are stacked over heads: ``fc1_weight`` H×d×C, ``fc2_weight`` H×C×d, ``fc2_bias``
-    H×C. ``fc1`` is Kaiming-normal initialised (as the authors do); ``fc2`` starts at weight 0,
-    bias 1, so every saliency is exactly 1 (the function-preserving start).
+    H×C. ``fc1`` is Kaiming-normal initialised (as the authors do). ``fc2`` depends on ``init``:
+
+    * ``"exact"`` (default): weight 0, bias 1, so every saliency is exactly 1 and a layer made by
+      :meth:`DynamicGroupConv2d.from_conv` computes the conv it replaced (function-preserving);
+    * ``"authors"``: the authors' code — weight Kaiming-normal (fan-in d, gain √2), bias 1. The
+      saliencies then start as a random function of the input around 1 (ReLU(1 + W₂z), spread of
+      order one), so the layer does **not** compute the conv it replaced.
     """
 
-    def __init__(self, in_channels: int, heads: int, hidden: int, *, device=None, dtype=None):
+    def __init__(self, in_channels: int, heads: int, hidden: int, *, init: str = "exact", device=None, dtype=None):
         super().__init__()
+        _check_init(init)
         kw = dict(device=device, dtype=dtype)
         self.in_channels, self.heads, self.hidden = in_channels, heads, hidden
         self.fc1_weight = nn.Parameter(torch.empty(heads, hidden, in_channels, **kw))
         self.fc2_weight = nn.Parameter(torch.zeros(heads, in_channels, hidden, **kw))
         self.fc2_bias = nn.Parameter(torch.ones(heads, in_channels, **kw))
+        self.reset_parameters(init)
+
+    def reset_parameters(self, init: str = "exact") -> None:
+        """(Re-)initialise: fc1 Kaiming-normal per head; fc2 as ``init`` says (see the class docstring)."""
+        _check_init(init)
         with torch.no_grad():
-            for h in range(heads):
+            for h in range(self.heads):
                 nn.init.kaiming_normal_(self.fc1_weight[h])
+                if init == "authors":
+                    nn.init.kaiming_normal_(self.fc2_weight[h])
+                else:
+                    self.fc2_weight[h].zero_()
+            self.fc2_bias.fill_(1.0)
+        self.init = init
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         n, heads = pooled.shape[0], self.heads
@@ -65,7 +85,8 @@ class SaliencyGenerator(nn.Module):
         return s.transpose(0, 1)
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels} → {self.hidden} → {self.in_channels}, heads={self.heads}"
+        return (f"{self.in_channels} → {self.hidden} → {self.in_channels}, heads={self.heads}, "
+                f"init={getattr(self, 'init', 'exact')}")
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -96,11 +117,12 @@ class DynamicGroupConv2d(_FastPath, nn.Module):
                  stride: int | tuple[int, int] = 1, padding: int | str | tuple[int, int] = 0,
                  dilation: int | tuple[int, int] = 1, bias: bool = False, *, heads: int = 4, ratio: float = 0.5,
                  squeeze_rate: int = 16, norm: nn.BatchNorm2d | None = None, pre_relu: bool = False,
-                 device=None, dtype=None):
+                 init: str = "exact", device=None, dtype=None):
         super().__init__()
         _check_heads(heads)
         _check_ratio(ratio)
         _check_squeeze(squeeze_rate)
+        _check_init(init)
         if in_channels % heads or out_channels % heads:
             raise ValueError(f"DynamicGroupConv2d: in_channels={in_channels} and out_channels={out_channels} must "
                              f"both be divisible by heads={heads}")
@@ -115,7 +137,7 @@ class DynamicGroupConv2d(_FastPath, nn.Module):
         self.pre_relu = bool(pre_relu)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **kw))
         self.bias = nn.Parameter(torch.empty(out_channels, **kw)) if bias else None
-        self.saliency = SaliencyGenerator(in_channels, heads, squeeze_width(in_channels, squeeze_rate), **kw)
+        self.saliency = SaliencyGenerator(in_channels, heads, squeeze_width(in_channels, squeeze_rate), init=init, **kw)
         fkw = dict(device=device, dtype=dtype if dtype is not None and dtype.is_floating_point else None)
         self.register_buffer("k", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("ratio", torch.tensor(float(ratio), **fkw))
@@ -143,9 +165,12 @@ class DynamicGroupConv2d(_FastPath, nn.Module):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, heads: int = 4, ratio: float = 0.5, squeeze_rate: int = 16,
-                  norm: nn.BatchNorm2d | None = None, pre_relu: bool = False) -> "DynamicGroupConv2d":
-        """A DGC layer computing exactly ``conv(ReLU(norm(x)))`` (or ``conv(x)`` without ``norm``)
-        while k = 0: saliency ≡ 1, head i holds rows ``i::heads`` of ``conv.weight``."""
+                  norm: nn.BatchNorm2d | None = None, pre_relu: bool = False,
+                  init: str = "exact") -> "DynamicGroupConv2d":
+        """A DGC layer holding ``conv``'s weight (head i: rows ``i::heads``) after ``norm`` → ReLU.
+        With ``init="exact"`` (default) it computes exactly ``conv(ReLU(norm(x)))`` (or ``conv(x)``
+        without ``norm``) while k = 0: saliency ≡ 1. ``init="authors"`` starts the saliency
+        generators as the authors' code does (:class:`SaliencyGenerator`): not function-preserving."""
         if conv.groups != 1:
             raise ValueError(f"DynamicGroupConv2d.from_conv: groups={conv.groups}; DGC converts groups=1 convs only")
         if conv.padding_mode != "zeros":
@@ -153,7 +178,7 @@ class DynamicGroupConv2d(_FastPath, nn.Module):
         w = conv.weight
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 bias=conv.bias is not None, heads=heads, ratio=ratio, squeeze_rate=squeeze_rate, norm=norm,
-                pre_relu=pre_relu, device=w.device, dtype=w.dtype)
+                pre_relu=pre_relu, init=init, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             m.weight.copy_(torch.cat([w[i::heads] for i in range(heads)], 0))
             if conv.bias is not None:
@@ -383,6 +408,12 @@ def _check_ratio(ratio: Any) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise ValueError(f"ratio ξ (the fraction of input channels each head prunes) must be a number in [0, 1), "
                          f"got {ratio!r}; e.g. 0.55 for ResNet-18, 0.75 for DenseNet")
+
+
+def _check_init(init: Any) -> None:
+    if init not in SALIENCY_INITS:
+        raise ValueError(f"init must be one of {', '.join(map(repr, SALIENCY_INITS))} (\"exact\": fc2 weight 0, bias 1, "
+                         f"function-preserving; \"authors\": fc2 Kaiming-normal, bias 1), got {init!r}")
 
 
 def _check_squeeze(r: Any) -> None:
