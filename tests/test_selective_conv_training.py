@@ -156,3 +156,81 @@ def test_torch_compile_follows_state_changes(backend):
     gm.train()
     compiled(torch.randn(8, 1, 12, 12)).sum().backward()
     assert any(m.shift.grad is not None and m.shift.grad.abs().sum() > 0 for _, m in selective_modules(gm))
+
+
+# ------------------------------------------------------------------------------------------------
+# the ablations of the schedule (dealloc only, frozen shifts) and slot churn
+
+def _gamma(gm, value: float) -> None:
+    for _, m in selective_modules(gm):
+        m.gamma = value
+
+
+def test_dealloc_only_never_reallocates_so_1x1_layers_prune_too():
+    _, _, gm = small_densenet_gm()
+    _gamma(gm, 0.05)
+    opt = torch.optim.SGD(param_groups(gm), lr=0.05, momentum=0.9, nesterov=True)
+    sched = SelectiveSchedule(gm, epochs=4, optimizer=opt, realloc=False)
+    assert sched.variant == "dealloc_only" and SelectiveSchedule(gm, 4).variant == "full"
+    for epoch in range(4):
+        train_steps(gm, opt, 3, seed=epoch)
+        sched.on_epoch_end(epoch)
+    assert sum(r.deallocated for r in sched.history) > 0
+    assert all(r.reallocated == 0 and r.recycled == 0 for r in sched.history)
+    layers = {a.path: a for a in allocation(gm)}
+    assert all(a.copies == 0 for a in layers.values())
+    one_by_one = [p for p, m in selective_modules(gm) if m.K > 0]
+    assert any(layers[p].closed > 0 for p in one_by_one)     # with realloc these would re-open
+
+
+def test_frozen_shifts_get_no_gradient_and_keep_their_draw():
+    _, _, gm = small_densenet_gm()
+    _gamma(gm, 0.05)
+    opt = torch.optim.SGD(param_groups(gm), lr=0.05, momentum=0.9, nesterov=True)   # built before: shifts in it
+    sched = SelectiveSchedule(gm, epochs=2, optimizer=opt, train_shifts=False)
+    assert sched.variant == "shifts_frozen"
+    assert all(not m.shift.requires_grad for _, m in selective_modules(gm))
+    assert len(param_groups(gm)) == 1                          # a later optimizer leaves them out
+    train_steps(gm, opt, 2)
+    record = sched.on_epoch_end(0)
+    assert record.reallocated > 0
+    drawn = {p: m.shift.detach().clone() for p, m in selective_modules(gm)}
+    copies = [(p, m.replica_slots()) for p, m in selective_modules(gm) if m.replica_slots()]
+    assert any(drawn[p][slots].abs().sum() > 0 for p, slots in copies)        # U(−1.5, 1.5)² draws
+    train_steps(gm, opt, 3, seed=1)
+    for p, m in selective_modules(gm):
+        assert m.shift.grad is None and torch.equal(m.shift.detach(), drawn[p])
+    # the default trains them
+    _, _, gm2 = small_densenet_gm()
+    _gamma(gm2, 0.05)
+    opt2 = torch.optim.SGD(param_groups(gm2), lr=0.05, momentum=0.9, nesterov=True)
+    sched2 = SelectiveSchedule(gm2, epochs=2, optimizer=opt2)
+    train_steps(gm2, opt2, 2)
+    sched2.on_epoch_end(0)
+    before = {p: m.shift.detach().clone() for p, m in selective_modules(gm2)}
+    train_steps(gm2, opt2, 3, seed=1)
+    assert any(not torch.equal(m.shift.detach(), before[p]) for p, m in selective_modules(gm2))
+
+
+def test_schedule_counts_copies_closed_again_as_recycled():
+    """A fresh copy has zeroed conv columns, so its expected damage is 0: a second call before any
+    training closes it again (and re-allocates it) — the churn the benchmarks report."""
+    _, _, gm = small_densenet_gm()
+    _gamma(gm, 0.05)
+    opt = torch.optim.SGD(param_groups(gm), lr=0.05, momentum=0.9)
+    train_steps(gm, opt, 2)
+    sched = SelectiveSchedule(gm, epochs=4)
+    first = sched.on_epoch_end(0)
+    assert first.reallocated > 0 and first.recycled == 0
+    copies = {layer.path: set(gm.get_submodule(layer.path).replica_slots()) for layer in first.layers}
+    second = sched.on_epoch_end(1)
+    assert second.recycled > 0
+    for layer in second.layers:
+        assert layer.recycled <= min(layer.deallocated, len(copies[layer.path]))
+    assert sum(t["recycled"] for t in sched.totals.values()) == second.recycled
+    state = sched.state_dict()
+    state["totals"] = {p: {k: v for k, v in t.items() if k != "recycled"} for p, t in state["totals"].items()}
+    old = SelectiveSchedule(gm, epochs=4)
+    old.load_state_dict(state)                    # a schedule saved before churn was counted
+    assert all(t["recycled"] == 0 for t in old.totals.values())
+    assert old.on_epoch_end(1) is not None

@@ -64,7 +64,8 @@ def _register_new_bias(optimizer: torch.optim.Optimizer, module: SelectiveConv2d
 @dataclass
 class LayerAllocation:
     """Slots of one layer after an epoch: ``open`` (reading their own channel), ``copies`` (open, reading a
-    shifted copy), ``closed``; plus what this epoch's dealloc closed and realloc re-opened."""
+    shifted copy), ``closed``; plus what this epoch's dealloc closed and realloc re-opened, and
+    ``recycled``: how many of the closed ones were copies made by an earlier call (churn)."""
     path: str
     slots: int
     own: int
@@ -72,6 +73,7 @@ class LayerAllocation:
     closed: int
     deallocated: int = 0
     reallocated: int = 0
+    recycled: int = 0
 
 
 @dataclass
@@ -86,6 +88,10 @@ class EpochRecord:
     @property
     def reallocated(self) -> int:
         return sum(layer.reallocated for layer in self.layers)
+
+    @property
+    def recycled(self) -> int:
+        return sum(layer.recycled for layer in self.layers)
 
 
 def allocation(model: nn.Module) -> list[LayerAllocation]:
@@ -105,11 +111,15 @@ class SelectiveSchedule:
 
     ``compensate``: dealloc adds the expected contribution of closed slots to the conv biases (creating
     them now, so the optimizer can be built afterwards; with ``optimizer`` they are also registered).
-    ``seed``: the generator of realloc's choices and shifts. ``history``: one :class:`EpochRecord` per
-    active epoch; ``totals[path]``: slots ever deallocated / reallocated per layer."""
+    ``seed``: the generator of realloc's choices and shifts. ``realloc=False``: dealloc only (the
+    ablation; closed slots stay closed). ``train_shifts=False``: the shifts are frozen (their
+    ``requires_grad`` is switched off now; an optimizer skips parameters without gradients, so it
+    may be built before or after). ``history``: one :class:`EpochRecord` per active epoch;
+    ``totals[path]``: slots ever deallocated / reallocated / recycled per layer."""
 
     def __init__(self, model: nn.Module, epochs: int, *, fraction: float = 0.5, compensate: bool = False,
-                 optimizer: torch.optim.Optimizer | None = None, seed: int | None = 0):
+                 optimizer: torch.optim.Optimizer | None = None, seed: int | None = 0, realloc: bool = True,
+                 train_shifts: bool = True):
         if not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {epochs!r}")
         if not 0 <= fraction <= 1:
@@ -120,14 +130,25 @@ class SelectiveSchedule:
                              f"graphsel.transform(model, ['insert_selective_conv']) first")
         self.model, self.epochs, self.fraction = model, epochs, fraction
         self.compensate, self.optimizer = compensate, optimizer
+        self.realloc, self.train_shifts = bool(realloc), bool(train_shifts)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.history: list[EpochRecord] = []
-        self.totals: dict[str, dict[str, int]] = {p: {"deallocated": 0, "reallocated": 0} for p, _ in self.layers}
+        self.totals: dict[str, dict[str, int]] = {p: {"deallocated": 0, "reallocated": 0, "recycled": 0}
+                                                  for p, _ in self.layers}
+        if not self.train_shifts:
+            for _, m in self.layers:
+                m.shift.requires_grad_(False)
         if compensate:
             for _, m in self.layers:
                 _ensure_bias(m.conv)
                 if optimizer is not None:
                     _register_new_bias(optimizer, m)
+
+    @property
+    def variant(self) -> str:
+        """``"full"``, ``"dealloc_only"``, ``"shifts_frozen"`` or ``"dealloc_only+shifts_frozen"``."""
+        parts = ([] if self.realloc else ["dealloc_only"]) + ([] if self.train_shifts else ["shifts_frozen"])
+        return "+".join(parts) or "full"
 
     def active(self, epoch: int) -> bool:
         """Whether dealloc/realloc run at the end of ``epoch`` (0-based)."""
@@ -138,15 +159,18 @@ class SelectiveSchedule:
             return None
         record = EpochRecord(epoch)
         for path, m in self.layers:
+            copies_before = set(torch.nonzero((m.is_open > 0) & (m.source >= 0)).flatten().tolist())
             d: DeallocReport = dealloc_layer(m, compensate=self.compensate, path=path)
-            r: ReallocReport = realloc_layer(m, generator=self.generator, path=path)
+            r = realloc_layer(m, generator=self.generator, path=path) if self.realloc else ReallocReport(path)
             if self.optimizer is not None:
                 reset_optimizer_slots(self.optimizer, m, [slot for slot, _, _ in r.reallocated])
+            recycled = len(copies_before.intersection(d.closed))
             self.totals[path]["deallocated"] += len(d.closed)
             self.totals[path]["reallocated"] += len(r.reallocated)
+            self.totals[path]["recycled"] += recycled
             now = allocation(m)[0]
             now.path = path
-            now.deallocated, now.reallocated = len(d.closed), len(r.reallocated)
+            now.deallocated, now.reallocated, now.recycled = len(d.closed), len(r.reallocated), recycled
             record.layers.append(now)
         self.history.append(record)
         return record
@@ -157,5 +181,7 @@ class SelectiveSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         self.history, self.totals = state["history"], state["totals"]
+        for totals in self.totals.values():          # schedules saved before churn was counted
+            totals.setdefault("recycled", 0)
         if state.get("generator") is not None and self.generator is not None:
             self.generator.set_state(state["generator"])
