@@ -13,7 +13,7 @@ import torch
 import graphsel
 from graphsel.tools.cli import DEMO_PIPELINE, main, parse_pass_options, parse_shape, UsageError
 from graphsel.ir.meta import graphsel_meta
-from graphsel.tools.zoo import ModelSpecError, load_model, save
+from graphsel.tools.zoo import ModelSpecError, UntrustedFileError, load_model, save
 
 TINY = "graphsel:tiny_convnet"
 TINY_SHAPE = "1,3,32,32"
@@ -74,10 +74,11 @@ def test_convert_runs_passes_with_options_and_exports(capsys, tmp_path):
 
 
 def test_convert_to_a_graphsel_checkpoint_then_report(capsys, tmp_path):
-    ckpt = tmp_path / "tiny.graphsel.pt"
-    code, _, err = run_cli(capsys, "convert", TINY, "--passes", "fuse_bn", "--input-shape", TINY_SHAPE,
-                           "--out", ckpt, "--format", "graphsel")
+    ckpt = tmp_path / "tiny.graphsel"
+    code, out, err = run_cli(capsys, "convert", TINY, "--passes", "fuse_bn", "--input-shape", TINY_SHAPE,
+                             "--out", ckpt, "--format", "graphsel")
     assert code == 0, err
+    assert f"wrote graphsel: {ckpt}" in out and "max abs error 0.00e+00" in out   # reloaded and compared: exact
     gm = load_model(str(ckpt))
     assert [r.name for r in graphsel_meta(gm).history] == ["fuse_bn"]
     code, out, _ = run_cli(capsys, "report", ckpt)
@@ -86,7 +87,7 @@ def test_convert_to_a_graphsel_checkpoint_then_report(capsys, tmp_path):
     assert code == 0 and json.loads(out)["passes"][0]["name"] == "fuse_bn"
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "pickle"])
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "pickle", "graphsel"])
 def test_convert_other_formats_into_a_directory(capsys, tmp_path, fmt):
     code, out, err = run_cli(capsys, "convert", TINY, "--passes", "fuse_bn", "--out", f"{tmp_path}{os.sep}",
                              "--format", fmt, "--no-verify")
@@ -165,9 +166,61 @@ def test_bad_shapes(capsys, tmp_path):
 def test_report_of_a_file_without_history(capsys, tmp_path):
     path = tmp_path / "plain.pt"
     torch.save(torch.nn.Linear(2, 2), path)
-    assert_bad_input(capsys, "report", path, match="without graphsel history")
+    assert_bad_input(capsys, "report", path, match="--trust-pickle")         # a pickle: refused, unread
+    assert_bad_input(capsys, "report", path, "--trust-pickle", match="without graphsel history")
+    save(torch.nn.Linear(2, 2), tmp_path / "plain.graphsel")
+    assert_bad_input(capsys, "report", tmp_path / "plain.graphsel", match="without graphsel history")
     torch.save({"w": torch.zeros(1)}, path)
     assert_bad_input(capsys, "report", path, match="holds a state_dict")
+
+
+class Touch:
+    """Unpickling this creates ``path`` (what an attack would do, harmlessly)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("name", ["evil.pt", "evil.graphsel.pt", "evil.pt2", "evil.graphsel"])
+def test_a_malicious_file_is_refused_by_every_command_and_never_runs(capsys, tmp_path, name):
+    marker = tmp_path / "marker"
+    path = tmp_path / name
+    if name == "evil.graphsel":
+        import pickle
+
+        path.write_bytes(pickle.dumps(Touch(marker)))          # a pickle with the checkpoint suffix
+    else:
+        torch.save({"format": "graphsel.GraphModule", "module": Touch(marker), "meta": {}}, path)
+    out = tmp_path / "out.pt2"
+    for argv in (["report", path], ["report", path, "--json"], ["cost", path],
+                 ["convert", path, "--passes", "fuse_bn", "--out", out],
+                 ["cost", TINY, "--weights", path], ["convert", TINY, "--passes", "fuse_bn", "--weights", path,
+                                                     "--out", out]):
+        line = assert_bad_input(capsys, *argv, match="--trust-pickle")
+        assert "trust_pickle=True" in line
+        assert not marker.exists(), argv
+    assert not out.exists()
+    with pytest.raises(UntrustedFileError, match="trust_pickle=True"):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_trust_pickle_and_weights_on_the_command_line(capsys, tmp_path):
+    torch.manual_seed(3)
+    model = load_model(TINY)
+    torch.save(model, tmp_path / "model.pt")
+    code, out, err = run_cli(capsys, "cost", tmp_path / "model.pt", "--trust-pickle", "--json")
+    assert code == 0, err
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    code, out2, err = run_cli(capsys, "cost", TINY, "--weights", tmp_path / "w.pt", "--json")
+    assert code == 0, err
+    assert json.loads(out2)["params"] == json.loads(out)["params"]
+    assert_bad_input(capsys, "cost", tmp_path / "w.pt", match="--weights")      # a state dict holds no model
+    assert_bad_input(capsys, "cost", "graphsel:tiny_convnet", "--weights", tmp_path / "missing.pt",
+                     match="no such weights file")
 
 
 def test_argparse_errors_exit_2(capsys):
@@ -199,7 +252,11 @@ def test_load_model_specs(tmp_path):
     assert isinstance(load_model("torch.nn:Identity"), torch.nn.Identity)
     net = torch.nn.Sequential(torch.nn.Linear(3, 2))
     torch.save(net, tmp_path / "net.pt")
-    assert isinstance(load_model(tmp_path / "net.pt"), torch.nn.Sequential)
+    with pytest.raises(UntrustedFileError, match="trust_pickle=True"):
+        load_model(tmp_path / "net.pt")
+    assert isinstance(load_model(tmp_path / "net.pt", trust_pickle=True), torch.nn.Sequential)
+    save(net, tmp_path / "net.graphsel")
+    assert isinstance(load_model(tmp_path / "net.graphsel"), torch.nn.Sequential)
     with pytest.raises(ModelSpecError, match="randomly initialised"):
         load_model("torchvision:resnet18", weights="DEFAULT")
     with pytest.raises(ModelSpecError, match="does not accept these arguments"):
@@ -225,8 +282,8 @@ def test_save_keeps_history_that_torch_save_drops(tmp_path):
     gm = graphsel.transform(load_model(TINY).eval(), ["fuse_bn"], torch.randn(1, 3, 32, 32))
     torch.save(gm, tmp_path / "plain.pt")
     assert graphsel_meta(torch.load(tmp_path / "plain.pt", weights_only=False), create=False) is None
-    save(gm, tmp_path / "ckpt.pt")
-    loaded = load_model(tmp_path / "ckpt.pt")
+    save(gm, tmp_path / "ckpt.graphsel")
+    loaded = load_model(tmp_path / "ckpt.graphsel")
     assert [r.name for r in graphsel_meta(loaded).history] == ["fuse_bn"]
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(loaded.eval()(x), gm.eval()(x))

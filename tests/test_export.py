@@ -330,6 +330,25 @@ def test_bad_input(tmp_path):
         export(gm, tmp_path / "m.pt2", "pt2", (torch.randn(2, 5, 10, 10),))
 
 
+def test_the_graphsel_format_is_graphsels_checkpoint_checked_exactly(tmp_path):
+    """format="graphsel" writes graphsel.save's data-only checkpoint (the model as it is, history
+    kept) and checks the reloaded model bit for bit; it needs graphsel, so it is not in FORMATS."""
+    from graphsel.tools.export import GRAPHSEL_FORMAT
+
+    assert GRAPHSEL_FORMAT not in FORMATS
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 4, 3)).eval()
+    gm = graphsel.transform(net, [("prune", {"ratio": 0.5}), "fold_masks", "materialize"], torch.randn(2, 3, 10, 10))
+    gm.train()
+    r = export(gm, tmp_path, "graphsel")
+    assert r.path == tmp_path / "model.graphsel" and r.max_abs_error == 0.0 and r.tolerance == 0.0
+    assert r.load == "graphsel.load_model(path)" and r.checked_with == "graphsel.load_model"
+    loaded = graphsel.load_model(r.path)
+    assert loaded.training and graphsel_meta(loaded).history == graphsel_meta(gm).history
+    with pytest.raises(ValueError, match="Did you mean 'graphsel'"):
+        export(gm, tmp_path / "m", "graphsl")
+
+
 def test_a_plain_module_pickles_without_example_inputs(tmp_path):
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU())
     r = export(plain, tmp_path / "m.pt", "pickle")

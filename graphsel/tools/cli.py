@@ -5,13 +5,16 @@
     graphsel demo [--out DIR]                         # ResNet-18 through the default slimming pipeline
     graphsel convert MODEL --passes a,b,c [--pass-opt prune.ratio=0.3 ...] [--input-shape 1,3,224,224]
                      --out PATH [--format pt2|onnx|torchscript|pickle|graphsel] [--no-verify]
-    graphsel report PATH                              # pass history of a saved graphsel GraphModule
+                     [--weights PATH] [--trust-pickle]
+    graphsel report PATH [--json] [--trust-pickle]    # pass history of a graphsel checkpoint
     graphsel passes                                   # registered passes, contracts, options
-    graphsel cost MODEL [--input-shape ...] [--top N] # the cost model's table
+    graphsel cost MODEL [--input-shape ...] [--top N] [--weights PATH] [--trust-pickle]
 
 MODEL is ``torchvision:NAME``, ``timm:NAME``, ``graphsel:NAME``, ``package.module:factory`` or a
-saved model file (see :mod:`graphsel.tools.zoo`). Bad input gets a one-line message and exit code 2;
-``--debug`` shows the traceback.
+saved model file (see :mod:`graphsel.tools.zoo`). Files are read as data: graphsel checkpoints
+(``*.graphsel``) and, with ``--weights``, state dicts; a file that would run code when loaded
+(a pickle, ``.pt2``, TorchScript) is refused unless ``--trust-pickle`` is given. Bad input gets a
+one-line message and exit code 2; ``--debug`` shows the traceback.
 """
 from __future__ import annotations
 
@@ -21,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -43,6 +45,7 @@ from graphsel.pipeline.phases import transform
 from graphsel.pipeline.registry import available_passes, pass_options, resolve_passes
 from graphsel.pipeline.report import human, report
 from graphsel.pipeline.verify import eval_mode
+from graphsel.tools.checkpoint import SUFFIX, is_checkpoint, read_report
 from graphsel.tools.export import SUFFIXES, export
 from graphsel.tools.sconv_demo import selective_convolution
 from graphsel.tools.zoo import load_file, load_model, save
@@ -211,7 +214,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for fmt in DEMO_EXPORT_FORMATS:
         with stage(f"export {fmt}"):
             exports.append(export(gm, out / f"resnet18_slim{_suffix(fmt)}", fmt, (x,)))
-    checkpoint = save(gm, out / "resnet18_slim.graphsel.pt")
+    checkpoint = save(gm, out / f"resnet18_slim{SUFFIX}")
 
     sections = {}
     for section in DEMO_SECTIONS:
@@ -258,25 +261,31 @@ def cmd_convert(args: argparse.Namespace) -> int:
     resolve_passes(pipeline)  # unknown names and options fail here, before the model is loaded
     inputs = make_inputs(args.input_shape)
     with stage(f"loading {args.model}"):
-        model = load_model(args.model).eval()
+        model = _load(args).eval()
     gm = transform(model, pipeline, inputs, verify=not args.no_verify, progress=None)
     _out(report(gm))
-    out = Path(args.out)
-    if args.format == "graphsel":
-        is_dir = out.is_dir() or args.out.endswith(("/", os.sep))
-        path = save(gm, out / "model.graphsel.pt" if is_dir else out)
-        _out(f"\nwrote {path} (graphsel checkpoint; graphsel report {path})")
-        return EXIT_OK
     with stage(f"export {args.format}"):
         result = export(gm, args.out, args.format, check=not args.no_verify)
     _out(f"\nwrote {result}")
+    if args.format == "graphsel":
+        _out(f"(a graphsel checkpoint, data only: graphsel report {result.path})")
     for w in result.warnings:
         _out(f"warning: {w}")
     return EXIT_OK
 
 
+def _load(args: argparse.Namespace):
+    """MODEL with --weights and --trust-pickle (see graphsel.tools.zoo.load_model)."""
+    kwargs = {"weights": args.weights} if getattr(args, "weights", None) else {}
+    return load_model(args.model, trust_pickle=args.trust_pickle, **kwargs)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    gm = load_file(args.path)
+    path = Path(args.path)
+    if path.is_file() and is_checkpoint(path):
+        gm = read_report(path)           # meta.json only: no tensors, no modules, no code
+    else:
+        gm = load_file(args.path, trust_pickle=args.trust_pickle)
     if graphsel_meta(gm, create=False) is None:
         raise UsageError(f"{args.path} holds a {type(gm).__name__} without graphsel history (export artefacts and "
                          f"plain torch.save pickles drop it); save with graphsel.save(gm, path) or "
@@ -306,7 +315,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 def cmd_cost(args: argparse.Namespace) -> int:
     inputs = make_inputs(args.input_shape)
     with stage(f"loading {args.model}"):
-        model = load_model(args.model).eval()
+        model = _load(args).eval()
     with stage("cost analysis"):
         report = cost(model, inputs)
     if args.json:
@@ -325,8 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="graphsel",
         description="graphsel: a channel-level graph compiler for PyTorch (torch.fx).",
-        epilog="MODEL: torchvision:NAME | timm:NAME | graphsel:NAME | package.module:factory | a saved model file "
-               "(files are unpickled: load only files you trust). Add --debug for tracebacks.")
+        epilog="MODEL: torchvision:NAME | timm:NAME | graphsel:NAME | package.module:factory | a graphsel "
+               f"checkpoint (*{SUFFIX}, data only). Files that would run code when loaded (pickles, .pt2, "
+               "TorchScript) need --trust-pickle. Add --debug for tracebacks.")
     p.add_argument("--version", action="version", version=f"graphsel {__version__}")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -351,13 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output file (or directory)")
     c.add_argument("--format", choices=CONVERT_FORMATS, default="pt2",
                    help="pt2 (torch.export), onnx, torchscript, pickle (plain GraphModule), or graphsel "
-                        "(checkpoint with pass history); default pt2")
+                        f"(*{SUFFIX}: checkpoint with pass history, data only); default pt2")
     c.add_argument("--no-verify", action="store_true", help="skip contract verification and the export check")
+    _file_options(c, weights=True)
     c.set_defaults(func=cmd_convert)
 
-    r = sub.add_parser("report", help="the pass history of a saved graphsel GraphModule")
+    r = sub.add_parser("report", help="the pass history of a graphsel checkpoint (read as data, model not built)")
     r.add_argument("path", metavar="PATH")
     r.add_argument("--json", action="store_true", help="print JSON")
+    _file_options(r, weights=False)
     r.set_defaults(func=cmd_report)
 
     ps = sub.add_parser("passes", help="registered passes with their contracts and options")
@@ -371,8 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="example input shape (repeatable; default: inferred)")
     co.add_argument("--top", type=int, default=None, help="only the N most expensive nodes")
     co.add_argument("--json", action="store_true", help="print the totals as JSON")
+    _file_options(co, weights=True)
     co.set_defaults(func=cmd_cost)
     return p
+
+
+def _file_options(p: argparse.ArgumentParser, weights: bool) -> None:
+    if weights:
+        p.add_argument("--weights", metavar="PATH",
+                       help="a state dict (torch.save, read with weights_only=True, or .safetensors) to load into "
+                            "MODEL, e.g. torchvision:resnet18 --weights resnet18.pth")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow files that run code when loaded (torch.save pickles of modules, old .graphsel.pt "
+                        "checkpoints, .pt2 and TorchScript archives); only for files you trust")
 
 
 def _bad_input_types() -> tuple[type[BaseException], ...]:

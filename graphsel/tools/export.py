@@ -8,7 +8,12 @@ Formats (``format=``):
 * ``"torchscript"``: ``torch.jit.script`` (``torch.jit.trace`` with a warning when scripting
   fails) + ``torch.jit.save``; load with ``torch.jit.load(path)``.
 * ``"pickle"``: ``torch.save`` of a plain ``torch.fx.GraphModule``; load with
-  ``torch.load(path, weights_only=False)`` (this unpickles code: load only files you trust).
+  ``torch.load(path, weights_only=False)`` (this unpickles code: load only files you trust;
+  ``graphsel.load_model`` refuses it without ``trust_pickle=True``).
+* ``"graphsel"``: graphsel's own checkpoint (:func:`graphsel.save`: JSON and safetensors in a zip,
+  pass history and masks kept); loads with ``graphsel.load_model(path)`` without running code
+  from the file, but needs graphsel. The model is written as it is (not an eval copy) and the
+  check is exact (tolerance 0). Not in ``FORMATS``, the formats that need no graphsel.
 
 The model is exported in eval mode (a copy; the caller's model is not touched). Before export,
 everything graphsel-specific is removed, so that the artefact references torch only:
@@ -45,16 +50,20 @@ import torch.nn as nn
 from graphsel.errors import ExampleInputError, GraphselError
 from graphsel.pipeline.verify import flatten_outputs
 
-FORMATS = ("pt2", "onnx", "torchscript", "pickle")
-SUFFIXES = {"pt2": ".pt2", "onnx": ".onnx", "torchscript": ".torchscript.pt", "pickle": ".pt"}
+FORMATS = ("pt2", "onnx", "torchscript", "pickle")        # artefacts that load without graphsel
+GRAPHSEL_FORMAT = "graphsel"                               # graphsel's checkpoint (graphsel.save)
+SUFFIXES = {"pt2": ".pt2", "onnx": ".onnx", "torchscript": ".torchscript.pt", "pickle": ".pt",
+            GRAPHSEL_FORMAT: ".graphsel"}
 LOADERS = {
     "pt2": "torch.export.load(path).module()",
     "onnx": "onnxruntime.InferenceSession(path)",
     "torchscript": "torch.jit.load(path)",
     "pickle": "torch.load(path, weights_only=False)",
+    GRAPHSEL_FORMAT: "graphsel.load_model(path)",
 }
 # error allowed = atol + rtol * max|reference| (ONNX Runtime picks its own convolution algorithms)
-TOLERANCE = {"pt2": (1e-4, 1e-5), "torchscript": (1e-4, 1e-5), "pickle": (1e-4, 1e-5), "onnx": (1e-3, 1e-4)}
+TOLERANCE = {"pt2": (1e-4, 1e-5), "torchscript": (1e-4, 1e-5), "pickle": (1e-4, 1e-5), "onnx": (1e-3, 1e-4),
+             GRAPHSEL_FORMAT: (0.0, 0.0)}
 _GRAPHSEL_PREFIXES = ("graphsel",)
 
 
@@ -114,19 +123,24 @@ def export(gm: nn.Module, path: str | os.PathLike, format: str = "pt2", example_
     """
     if not isinstance(gm, nn.Module):
         raise TypeError(f"graphsel.export expects a torch.nn.Module or GraphModule, got {type(gm).__name__}")
-    if format not in FORMATS:
-        close = difflib.get_close_matches(str(format), FORMATS, n=1)
+    known = FORMATS + (GRAPHSEL_FORMAT,)
+    if format not in known:
+        close = difflib.get_close_matches(str(format), known, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"unknown export format {format!r}.{hint} Formats: {', '.join(FORMATS)}.")
+        raise ValueError(f"unknown export format {format!r}.{hint} Formats: {', '.join(known)}.")
     inputs = _inputs_for(gm, example_inputs, format)
     out = _target_path(path, format)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    model = copy.deepcopy(gm).eval()
     result = ExportResult(path=out, format=format, seconds=0.0)
-    writer = {"pt2": _write_pt2, "onnx": _write_onnx, "torchscript": _write_torchscript, "pickle": _write_pickle}
-    writer[format](model, inputs, out, result)
+    if format == GRAPHSEL_FORMAT:
+        _write_graphsel(gm, out, result)
+    else:
+        model = copy.deepcopy(gm).eval()
+        writer = {"pt2": _write_pt2, "onnx": _write_onnx, "torchscript": _write_torchscript,
+                  "pickle": _write_pickle}
+        writer[format](model, inputs, out, result)
     result.files = _written_files(out)
     if check and inputs is not None:
         _check(gm, inputs, result, rtol, atol)
@@ -142,7 +156,7 @@ def _inputs_for(gm: nn.Module, example_inputs: Any, format: str) -> tuple | None
     inputs = as_tuple(example_inputs)
     if inputs is None and isinstance(gm, fx.GraphModule):
         inputs = example_inputs_of(gm)
-    if inputs is None and format != "pickle":
+    if inputs is None and format not in ("pickle", GRAPHSEL_FORMAT):
         raise ExampleInputError(
             f"graphsel.export({format!r}) needs example inputs: this model carries none (it was not traced by "
             f"graphsel); pass example_inputs=(torch.randn(1, 3, 224, 224),) or similar.")
@@ -251,6 +265,13 @@ def plain_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 # ================================================================================================
 # writers
+
+def _write_graphsel(gm: nn.Module, out: Path, result: ExportResult) -> None:
+    from graphsel.tools.checkpoint import save_checkpoint
+
+    save_checkpoint(gm, out)
+    result.method = "graphsel.save"
+
 
 def _write_pt2(model: nn.Module, inputs: tuple, out: Path, result: ExportResult) -> None:
     ep = _torch_export(model, inputs)
@@ -414,7 +435,13 @@ def _run_artefact(result: ExportResult, inputs: tuple) -> list[torch.Tensor]:
         feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
         result.checked_with = "onnxruntime"
         return [torch.from_numpy(o) for o in sess.run(None, feed)]
-    if result.format == "pt2":
+    if result.format == GRAPHSEL_FORMAT:
+        from graphsel.tools.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(path, propagate=False)
+        loaded.eval()
+        result.checked_with = "graphsel.load_model"
+    elif result.format == "pt2":
         loaded = torch.export.load(path).module()
         result.checked_with = "torch.export.load"
     elif result.format == "torchscript":
