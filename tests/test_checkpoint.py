@@ -390,6 +390,8 @@ INJECTIONS = [
     ("modules", lambda d: d["modules"][1]["attributes"].update({"x": {"$object": "os:_wrap_close", "state": {}}}),
      "not on graphsel's allowlist"),
     ("modules", lambda d: d["modules"][1]["attributes"].update({"__class__": 1}), "attribute name"),
+    ("modules", lambda d: d["modules"][1]["attributes"].update({"forward": {"$global": "builtins:getattr"}}),
+     "would replace a method"),
     ("graph", lambda d: _first(d, "call_function").update({"target": {"$global": "builtins:exec"}}),
      "not on graphsel's allowlist"),
     ("graph", lambda d: _first(d, "call_function").update({"target": {"$global": "torch:save"}}), "names 'save'"),

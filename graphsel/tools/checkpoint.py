@@ -24,8 +24,8 @@ graphsel.passes), ``operator``, ``math`` and a few ``builtins`` — minus the pa
 packages that read or write files, download, compile or load code (``DENIED_MODULES``,
 ``DENIED_NAMES``) — and among the classes and functions registered with
 :func:`graphsel.register_op` / :func:`graphsel.register_leaf_module` in the loading process.
-Modules are created with ``cls.__new__`` and get their attributes back directly; no
-``__init__``, ``__setstate__`` or ``__reduce__`` of the file's choosing runs. The names torch.fx
+Modules are created with ``object.__new__`` and get their attributes back directly; no
+``__new__``, ``__init__``, ``__setstate__`` or ``__reduce__`` runs. The names torch.fx
 writes into the Python source it generates (node names, placeholder, method, module and
 attribute targets, the class name) are validated before the graph is built. Then the model
 runs once, on the stored example inputs, to record shapes (``propagate_shapes``).
@@ -115,6 +115,7 @@ def _tracers() -> dict[str, type]:
     from graphsel.ir.tracing import GraphselTracer
 
     return {"graphsel.ir.tracing:GraphselTracer": GraphselTracer, "torch.fx._symbolic_trace:Tracer": fx.Tracer}
+
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # a module or attribute name (``layer1``, ``0``, regnet's ``block1-0``): what torch.fx may quote in
@@ -230,7 +231,7 @@ def _resolve(name: str, what: str) -> Any:
     home = getattr(obj, "__module__", None)
     explicit = name in registered or f"{module}.{qual}" in _registered_qualnames()
     if isinstance(home, str) and home != module and not (module_allowed(home) or home == "builtins"
-                                                         and obj in SAFE_BUILTINS.values()):
+                                                         and any(obj is f for f in SAFE_BUILTINS.values())):
         if not explicit:
             raise CheckpointError(f"{what}: '{name}' is {home}.{getattr(obj, '__qualname__', '?')}, which is "
                                   f"not on graphsel's allowlist")
@@ -275,7 +276,7 @@ def global_name(obj: Any, where: str) -> str:
     direct = _attr_name(obj)
     if direct is not None:
         candidates.append(direct)
-    if obj in SAFE_BUILTINS.values() and getattr(obj, "__name__", None) in SAFE_BUILTINS:
+    if SAFE_BUILTINS.get(getattr(obj, "__name__", None)) is obj:
         candidates.insert(0, f"builtins:{obj.__name__}")
     try:
         from torch.fx.node import _get_qualified_name
@@ -449,6 +450,8 @@ class _TensorReader:
         shape = _int_list(d.get("shape"), what)
         device = self.device if self.device is not None else torch.device(str(d.get("device", "cpu")))
         if d.get("empty"):
+            if all(shape):
+                raise CheckpointError(f"{what}: an 'empty' tensor of shape {shape}")
             t = torch.empty_strided(shape, _int_list(d.get("stride"), what), dtype=dtype, device=device)
         elif "key" in d:
             t = self._blob(d["key"], what)
@@ -568,35 +571,14 @@ class _Encoder:
                 return {"$dict" if t is dict else "$odict": [[enc(k, where), x] for k, x in pairs]}
             finally:
                 self._active.discard(id(v))
-        if isinstance(v, tuple) and hasattr(t, "_fields") and not graph:
-            return {"$namedtuple": global_name(t, where), "items": [enc(x, where) for x in v]}
-        if isinstance(v, torch.Tensor) and not graph:
-            if strict or self.tensors is not None:
-                return {"$tensor": self.tensors.ref(v, where)}
-        if isinstance(v, nn.Module) and not graph and self.modules is not None:
-            return {"$module": self.modules.ref(v, where)}
-        if isinstance(v, enum.Enum) and not graph:
-            return {"$enum": [global_name(t, where), v.name]}
-        if isinstance(v, (type, types.FunctionType, types.BuiltinFunctionType, types.MethodDescriptorType,
-                          types.WrapperDescriptorType, torch._ops.OpOverload, torch._ops.OpOverloadPacket)) \
-                or (callable(v) and hasattr(v, "__qualname__") and not isinstance(v, functools.partial)
-                    and not dataclasses.is_dataclass(v)):
-            try:
-                return {"$global": global_name(v, where)}
-            except CheckpointError:
-                if strict:
-                    raise
-                return {"$repr": repr(v)}
-        if isinstance(v, functools.partial) and not graph:
-            return {"$partial": [enc(v.func, where), enc(list(v.args), where), enc(dict(v.keywords), where)]}
-        if not graph and _plain_object(v):
-            try:
-                name = global_name(t, where)
-            except CheckpointError:
-                if strict:
-                    raise
-                return {"$repr": repr(v)}
-            return {"$object": name, "state": enc(dict(vars(v)), where)}
+        try:
+            out = self._named(v, t, where, strict, graph, enc)
+        except CheckpointError:
+            if strict:
+                raise
+            return {"$repr": repr(v)}          # metadata: kept as its repr (graphsel.tools.checkpoint.OpaqueValue)
+        if out is not None:
+            return out
         if not strict:
             return {"$repr": repr(v)}
         raise CheckpointError(
@@ -605,17 +587,44 @@ class _Encoder:
             f"code), or deploy with graphsel.export(gm, path, 'pt2')")
 
 
+    def _named(self, v: Any, t: type, where: str, strict: bool, graph: bool, enc) -> dict | None:
+        """Tensors, modules, and what is named through the allowlist; None for anything else."""
+        if isinstance(v, (type, types.FunctionType, types.BuiltinFunctionType, types.MethodDescriptorType,
+                          types.WrapperDescriptorType, torch._ops.OpOverload, torch._ops.OpOverloadPacket)) \
+                or (callable(v) and hasattr(v, "__qualname__") and not isinstance(v, (functools.partial, nn.Module))
+                    and not dataclasses.is_dataclass(v)):
+            return {"$global": global_name(v, where)}
+        if graph:
+            return None
+        if isinstance(v, tuple) and hasattr(t, "_fields"):
+            return {"$namedtuple": global_name(t, where), "items": [enc(x, where) for x in v]}
+        if isinstance(v, torch.Tensor):
+            return {"$tensor": self.tensors.ref(v, where)}
+        if isinstance(v, nn.Module) and self.modules is not None:
+            return {"$module": self.modules.ref(v, where)}
+        if isinstance(v, enum.Enum):
+            return {"$enum": [global_name(t, where), v.name]}
+        if isinstance(v, functools.partial):
+            return {"$partial": [enc(v.func, where), enc(list(v.args), where), enc(dict(v.keywords), where)]}
+        if _plain_object(v):
+            return {"$object": global_name(t, where), "state": enc(dict(vars(v)), where)}
+        return None
+
+
 def _plain_object(v: Any) -> bool:
     """An instance whose whole state is its ``__dict__`` (no slots, no custom pickling)."""
-    t = type(v)
-    if not hasattr(v, "__dict__") or any("__slots__" in vars(k) for k in t.__mro__[:-1]):
+    if not hasattr(v, "__dict__") or isinstance(v, (nn.Module, torch.Tensor, type, types.ModuleType)) or callable(v):
         return False
-    if isinstance(v, (nn.Module, torch.Tensor, type, types.ModuleType)) or callable(v):
+    return _plain_class(type(v))
+
+
+def _plain_class(t: type) -> bool:
+    """Instances are their ``__dict__``: no slots, no custom pickling, no finaliser (which would
+    run on state from a file)."""
+    if any("__slots__" in vars(k) for k in t.__mro__[:-1]):
         return False
-    for attr in ("__reduce_ex__", "__reduce__", "__getstate__", "__setstate__"):
-        if getattr(t, attr, None) is not getattr(object, attr, None):
-            return False
-    return True
+    return all(getattr(t, attr, None) is getattr(object, attr, None)
+               for attr in ("__reduce_ex__", "__reduce__", "__getstate__", "__setstate__", "__del__"))
 
 
 class _Decoder:
@@ -673,10 +682,13 @@ class _Decoder:
         if tag == "$ellipsis":
             return Ellipsis
         if tag == "$complex":
-            re_, im = dec(arg[0], what), dec(arg[1], what)
+            re_, im = (dec(x, what) for x in _list(arg, 2, what))
             return complex(_num(re_, what), _num(im, what))
         if tag == "$bytes":
-            return base64.b64decode(str(arg), validate=True)
+            try:
+                return base64.b64decode(str(arg), validate=True)
+            except ValueError as e:
+                raise CheckpointError(f"{what}: bad base64 data") from e
         if tag == "$slice":
             a = [dec(x, what) for x in _list(arg, 3, what)]
             return slice(*a)
@@ -748,7 +760,7 @@ class _Decoder:
             if isinstance(cls, OpaqueValue):
                 return cls
             if not isinstance(cls, type) or issubclass(cls, (nn.Module, torch.Tensor, type, BaseException)) \
-                    or type(state) is not dict or not all(type(k) is str for k in state):
+                    or not _plain_class(cls) or type(state) is not dict or not all(type(k) is str for k in state):
                 raise CheckpointError(f"{what}: {arg} cannot be rebuilt from data")
             obj = object.__new__(cls)
             try:
@@ -852,13 +864,16 @@ class _ModuleWriter:
         for k, v in vars(m).items():
             if k in skip or k in _NN_MODULE_KEYS:
                 continue
+            if _shadows_method(cls, k):
+                raise CheckpointError(f"cannot save {at}: its attribute '{k}' replaces the method {cls.__qualname__}."
+                                      f"{k} (code, not data); save with graphsel.save(gm, path, trust_pickle=True)")
             attrs[k] = self.encode(v, f"{at} attribute '{k}'" if where else f"the root module's attribute '{k}'")
         entry["attributes"] = attrs
         return entry
 
 
 def _build_modules(entries: Any, dec: _Decoder) -> list[nn.Module | None]:
-    """Create every module (``cls.__new__``; the root GraphModule later) and fill it in."""
+    """Create every module (``object.__new__``; the root GraphModule later) and fill it in."""
     if not isinstance(entries, list) or not entries:
         raise CheckpointError("modules.json holds no modules")
     objs: list[Any] = []
@@ -872,9 +887,10 @@ def _build_modules(entries: Any, dec: _Decoder) -> list[nn.Module | None]:
             objs.append(nn.Module())                # a holder, replaced by the GraphModule
             continue
         cls = resolve(e.get("class"), f"{what} class")
-        if not (isinstance(cls, type) and issubclass(cls, nn.Module)) or issubclass(cls, fx.GraphModule):
-            raise CheckpointError(f"{what}: {e.get('class')} is not a torch.nn.Module class")
-        objs.append(cls.__new__(cls))
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)) or issubclass(cls, fx.GraphModule) \
+                or getattr(cls, "__del__", None) is not None:
+            raise CheckpointError(f"{what}: {e.get('class')} is not a torch.nn.Module class built from data")
+        objs.append(object.__new__(cls))           # no __new__ or __init__ of the class runs
     dec.modules = objs
     for i, (e, m) in enumerate(zip(entries, objs)):
         what = f"module #{i} ({e.get('class')})"
@@ -909,11 +925,19 @@ def _build_modules(entries: Any, dec: _Decoder) -> list[nn.Module | None]:
         if not isinstance(attrs, dict):
             raise CheckpointError(f"{what}: malformed attributes")
         for k, v in attrs.items():
-            if not _is_identifier(k) or k in state or k.startswith("__"):
-                raise CheckpointError(f"{what}: attribute name {k!r} is not allowed")
+            if not _is_identifier(k) or k in state or k.startswith("__") or _shadows_method(type(m), k):
+                raise CheckpointError(f"{what}: attribute name {k!r} is not allowed (not an identifier, or it "
+                                      f"would replace a method of the class)")
             state[k] = dec(v, f"{what} attribute '{k}'")
         vars(m).update(state)
     return objs
+
+
+def _shadows_method(cls: type, name: str) -> bool:
+    """An instance attribute ``name`` would hide a method of ``cls`` (``forward``, say)."""
+    import inspect
+
+    return isinstance(inspect.getattr_static(cls, name, None), (types.FunctionType, staticmethod, classmethod))
 
 
 def _restore_hooks(hooks: Any, state: dict[str, Any], dec: _Decoder, what: str) -> None:
@@ -1196,7 +1220,12 @@ def _check_header(meta: Any, path: Path) -> dict:
 def _decode_meta(doc: Any, dec: _Decoder, path: Path) -> GraphselMeta | None:
     if doc is None:
         return None
-    meta = dec(doc, f"{path}: graphsel metadata")
+    try:
+        meta = dec(doc, f"{path}: graphsel metadata")
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a malformed file: say which and why
+        raise CheckpointError(f"{path}: malformed graphsel metadata: {type(e).__name__}: {e}") from e
     if not isinstance(meta, GraphselMeta):
         raise CheckpointError(f"{path}: the graphsel metadata is not a GraphselMeta")
     meta.version = new_version()       # versions key this process's analysis caches: never reuse one
