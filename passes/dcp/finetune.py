@@ -187,7 +187,7 @@ def finetune(gm: fx.GraphModule, data: Any, *, epochs: int = 1, steps: int | Non
     return FinetuneResult(step, start, meter.means(), current_lr, time.perf_counter() - t0)
 
 
-def fit_heads(gm: fx.GraphModule, data: Any, *, iters: int = 100, weight_decay: float = 1e-4) -> dict[str, float]:
+def fit_heads(gm: fx.GraphModule, data: Any, *, iters: int = 50, weight_decay: float = 1e-4) -> dict[str, float]:
     """Fit the auxiliary classifiers of ``gm`` to its frozen features (what the ``dcp`` pass does
     when the graph has no phase-1-trained heads): each head's BatchNorm gets the exact per-channel
     statistics of its pivot over the data (γ = 1, β = 0), then its Linear layer is fitted on the

@@ -85,7 +85,7 @@ class DiscriminationAwarePruning(Pass):
                  heads: int | str = "auto", lam: float = 1.0, mse_weight: float = 1.0, mse_reduction: str = "paper",
                  adapt: float | None = None,
                  score: str = "paper", steps: int | None = None, lr: float = 0.01, momentum: float = 0.9,
-                 fit_heads: bool | str = "auto", head_iters: int = 100, keep_heads: bool = False,
+                 fit_heads: bool | str = "auto", head_iters: int = 50, keep_heads: bool = False,
                  cache_mb: float = 1024, include: Any = None, exclude: Any = None, progress: bool | None = None):
         _number(ratio, "ratio (η, the fraction of input channels to remove)", 0.0, 1.0, open_hi=True)
         if scope not in SCOPES:

@@ -198,7 +198,8 @@ def _column_mask(weight: torch.Tensor, kept: list[int]) -> torch.Tensor:
 
 def masked_sgd(problem: LayerProblem, weight: torch.Tensor, kept: list[int], steps: int, lr: float,
                momentum: float, stream: Iterator[Batch]) -> None:
-    """``steps`` SGD steps on the selected columns of ``weight`` (the others stay exactly zero)."""
+    """``steps`` SGD steps on the selected columns of ``weight`` (the others stay exactly zero).
+    Each step's gradient is one batch's (data-parallel selection would all-reduce it here)."""
     mask = _column_mask(weight, kept)
     buf = torch.zeros_like(weight)
     for b in itertools.islice(stream, steps):
