@@ -112,7 +112,7 @@ def finetune(gm: fx.GraphModule, data: Any, *, epochs: int = 1, steps: int | Non
     start, current_lr = 0, float(lr)
     path = Path(state_path) if state_path is not None else None
     if path is not None and path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
         try:
             gm.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
