@@ -545,9 +545,10 @@ def distributed_cost(obj: fx.GraphModule | CostReport | Mapping[Any, Iterable[An
     node takes one step. ``obj`` is a shape-annotated GraphModule (its layers: nodes with MACs), a
     :class:`CostReport` (its ``dag``), or a mapping ``node -> predecessors`` in topological order.
     With ``n_units = 1`` the cost is the number of layers; with enough units it is the depth.
+    A cycle, an unknown predecessor or ``n_units < 1`` raise :class:`CostError` (a ValueError).
     """
     if isinstance(n_units, bool) or not isinstance(n_units, int) or n_units < 1:
-        raise ValueError(f"distributed_cost: n_units must be a positive int, got {n_units!r}")
+        raise CostError(f"distributed_cost: n_units must be a positive int, got {n_units!r}")
     if isinstance(obj, fx.GraphModule):
         dag: Mapping[Any, Iterable[Any]] = graph_cost(obj).dag
     elif isinstance(obj, CostReport):
@@ -561,7 +562,7 @@ def distributed_cost(obj: fx.GraphModule | CostReport | Mapping[Any, Iterable[An
     for v, ps in preds.items():
         for p in ps:
             if p not in preds:
-                raise ValueError(f"distributed_cost: predecessor {p!r} of {v!r} is not a node of the DAG")
+                raise CostError(f"distributed_cost: predecessor {p!r} of {v!r} is not a node of the DAG")
     remaining = list(preds)
     done: set = set()
     steps = 0
@@ -573,7 +574,7 @@ def distributed_cost(obj: fx.GraphModule | CostReport | Mapping[Any, Iterable[An
             if all(p in done for p in preds[v]):
                 started.append(v)
         if not started:
-            raise ValueError(f"distributed_cost: the graph has a cycle through {remaining[:3]!r}")
+            raise CostError(f"distributed_cost: the graph has a cycle through {remaining[:3]!r} (a DAG is needed)")
         done.update(started)
         started_set = set(started)
         remaining = [v for v in remaining if v not in started_set]
