@@ -51,7 +51,12 @@ class SaliencyGenerator(nn.Module):
       :meth:`DynamicGroupConv2d.from_conv` computes the conv it replaced (function-preserving);
     * ``"authors"``: the authors' code — weight Kaiming-normal (fan-in d, gain √2), bias 1. The
       saliencies then start as a random function of the input around 1 (ReLU(1 + W₂z), spread of
-      order one), so the layer does **not** compute the conv it replaced.
+      order one), so the layer does **not** compute the conv it replaced. W₂z grows with the
+      scale of the layer's input, so the output grows with its square: the authors normalise every
+      DGC layer's input (their BN → ReLU, ``placement="paper"``). Before training, an eval-mode BN
+      with fresh running statistics is the identity, and a deep network whose layers read
+      unnormalised inputs can overflow (torchvision's ResNet-18, every conv converted without added
+      BN, overflows at its 14th DGC layer).
     """
 
     def __init__(self, in_channels: int, heads: int, hidden: int, *, init: str = "exact", device=None, dtype=None):
