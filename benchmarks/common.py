@@ -16,7 +16,9 @@
 * :func:`torch_pruning_prune` — Torch-Pruning's standard torchvision recipe (``BasePruner``,
   ``MagnitudeImportance(p=1)``, per-layer ratio, the final classifier ignored), timed as
   dependency-graph build and prune;
-* :func:`write_results` — ``benchmarks/results/<stem>[_quick].json`` and ``.md``.
+* :func:`write_results` — ``benchmarks/results/<stem>[_quick].json`` and ``.md``;
+* :func:`mean_sd`, :func:`paired_difference`, :func:`decide` — statistics over seeds and the rule
+  that turns a paired difference into a claim's status (the ``*_fidelity`` benchmarks).
 """
 from __future__ import annotations
 
@@ -371,3 +373,65 @@ def torch_pruning_prune(model: torch.nn.Module, example: tuple, *, ratio: float 
         model.hidden_dim = model.conv_proj.out_channels
     t2 = time.perf_counter()
     return {"model": model, "build_s": t1 - t0, "prune_s": t2 - t1}
+
+
+# -- statistics over seeds -----------------------------------------------------------------
+
+CLAIM_STATUSES = ("reproduced", "not reproduced", "undecided")
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = list(values)
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def t_quantile(df: int, level: float = 0.95) -> float:
+    """The two-sided ``level`` quantile of Student's t with ``df`` degrees of freedom (4.303 for df = 2)."""
+    from scipy.stats import t
+    return float(t.ppf(0.5 + level / 2, df))
+
+
+def paired_difference(a: dict[Any, float], b: dict[Any, float], level: float = 0.95) -> dict[str, Any]:
+    """``a − b`` over the keys (seeds) both hold: per-key differences, their mean, sample sd and the
+    ``level`` confidence interval of the mean (Student's t, n − 1 degrees of freedom; None for n < 2)."""
+    keys = sorted(set(a) & set(b))
+    diffs = [a[k] - b[k] for k in keys]
+    out: dict[str, Any] = {"keys": keys, "diffs": diffs, "n": len(diffs), "level": level,
+                           "mean": statistics.mean(diffs) if diffs else None, "sd": None, "ci": None}
+    if len(diffs) >= 2:
+        sd = statistics.stdev(diffs)
+        half = t_quantile(len(diffs) - 1, level) * sd / len(diffs) ** 0.5
+        out.update(sd=sd, ci=[out["mean"] - half, out["mean"] + half])
+    return out
+
+
+def decide(ci: list[float] | None, threshold: float = 0.0) -> str:
+    """The status of a claim "the paired difference is greater than ``threshold``" (0: the method is
+    better; −δ: it is at most δ worse) from the difference's confidence interval:
+    ``reproduced`` when the whole interval lies above the threshold, ``not reproduced`` when it lies
+    below, ``undecided`` when it contains the threshold (or there is no interval)."""
+    if ci is None:
+        return "undecided"
+    lo, hi = ci
+    if lo > threshold:
+        return "reproduced"
+    if hi < threshold:
+        return "not reproduced"
+    return "undecided"
+
+
+def previous_runs(stem: str, config: dict[str, Any], keys: tuple[str, ...], seeds: list[int], out_dir: Path = RESULTS,
+                  quick: bool = False) -> list[dict[str, Any]]:
+    """The ``runs`` of an earlier results file ``<stem>[_quick].json`` whose seeds this invocation does not
+    run (``--append``: a long benchmark split over several invocations by ``--seeds``). The settings in
+    ``keys`` must match the earlier file's ``config``; a mismatch is an error."""
+    path = Path(out_dir) / f"{result_stem(stem, quick)}.json"
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    differ = {k: (old["config"].get(k), config.get(k)) for k in keys if old["config"].get(k) != config.get(k)}
+    if differ:
+        raise SystemExit(f"--append: {path} was made with other settings: "
+                         + ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in differ.items()))
+    return [r for r in old.get("runs", []) if r["seed"] not in seeds]

@@ -1,6 +1,6 @@
 """Run every benchmark script in ``benchmarks/`` with its full settings (``make bench``).
 
-Every ``benchmarks/*.py`` except this file, ``common.py`` and ``__init__.py`` is a benchmark
+Every ``benchmarks/*.py`` except this file, ``common.py``, ``train.py`` (shared helpers) and ``__init__.py`` is a benchmark
 (the channel compiler's ``prune_*``, dynamic group convolution's ``dgc_*``, selective
 convolution's ``sconv_*``, the core's ``core_timings``, and any added later). Each runs as
 ``python -m benchmarks.<name>`` in its own process from the repository root, one after another
@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-NOT_BENCHMARKS = {"__init__", "common", "run_all"}
+NOT_BENCHMARKS = {"__init__", "common", "run_all", "train"}
 # Cheap, foundational measurements first; the long zoo sweep last.
 FIRST = ("core_timings",)
 LAST = ("prune_coverage",)

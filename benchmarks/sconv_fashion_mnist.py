@@ -44,31 +44,17 @@ if __package__ in (None, ""):                       # run as a script: make `ben
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import graphsel
 from benchmarks.common import (RESULTS, environment, environment_line, human, measure, result_stem, set_threads,
                                table, write_results)
+from benchmarks.train import augment, sgd_step
 from graphsel.tools.datasets import fashion_mnist
 from graphsel.tools.models import densenet_cifar
 from graphsel.passes import selective_conv as sc
 
 PAPER = {"model": "DenseNet-40 (bottleneck, k = 12)", "epochs": 300, "baseline_error": 5.03, "sconv_error": 4.73}
-
-
-# -- data -----------------------------------------------------------------------------------
-
-def augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random translation up to ``pad`` pixels (zero padding of the normalised image, as a padded crop)
-    and random horizontal flip, per sample."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), value=float(x.min()))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).tolist()
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).tolist()
-    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-    flip = torch.rand(n, generator=g) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1), out.flip(3), out)
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -99,15 +85,6 @@ def build_models(args) -> tuple[nn.Module, torch.fx.GraphModule]:
 def make_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
     return torch.optim.SGD(sc.param_groups(model, args.weight_decay, args.shift_weight_decay), lr=args.lr,
                            momentum=0.9, nesterov=True)
-
-
-def sgd_step(model, opt, x, y) -> tuple[float, torch.Tensor]:
-    out = model(x)
-    loss = F.cross_entropy(out, y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss.item(), out.detach()
 
 
 def evaluate(model: nn.Module, loader: DataLoader) -> float:
