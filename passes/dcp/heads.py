@@ -189,9 +189,9 @@ class InsertAuxiliaryHeads(Pass):
         a = ctx.analysis("channels", gm)
         structure = find_structure(gm, a)
         if not structure.blocks:
-            raise DCPError("dcp_heads: the model has no residual blocks (no add of a branch with a conv or linear "
-                           "layer to its input), so there is nowhere to place auxiliary classifiers. DCP's heads "
-                           "need a residual network; prune other models with ('prune', {...}).")
+            raise DCPError(f"dcp_heads: {structure.no_blocks_reason()}, so there is nowhere to place auxiliary "
+                           f"classifiers. DCP's heads need a residual network; prune other models with "
+                           f"('prune', {{...}}).")
         k = self.num_classes or num_classes_of(gm, "dcp_heads")
         pivots = structure.pivots(self.heads)
         records, diags = insert_heads(gm, a, structure, pivots, k)

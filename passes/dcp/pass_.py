@@ -122,9 +122,9 @@ class DiscriminationAwarePruning(Pass):
         a = ctx.analysis("channels", gm)
         structure = find_structure(gm, a)
         if self.scope == "block_internal" and not structure.blocks:
-            raise DCPError("dcp: the model has no residual blocks (no add of a branch with a conv or linear layer to "
-                           "its input), so scope='block_internal' finds nothing to prune. Use scope='all' to select "
-                           "the input channels of every convolution, or prune with ('prune', {...}).")
+            raise DCPError(f"dcp: scope='block_internal' finds nothing to prune: {structure.no_blocks_reason()}. "
+                           f"Use scope='all' to select the input channels of every convolution, or prune with "
+                           f"('prune', {{...}}).")
         num_classes = num_classes_of(gm, "dcp")
         self.selection.check_names(module_index(gm))
         head_paths = {p for p in module_index(gm) if p == HEAD_ROOT or p.startswith(HEAD_ROOT + ".")}

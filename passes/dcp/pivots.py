@@ -79,6 +79,17 @@ class Structure:
     blocks: list[ResidualBlock] = field(default_factory=list)
     stages: int = 0
     depth: int = 0
+    #: adds that look residual (same shapes, a common input, a weight layer on a branch) but whose
+    #: channels the channel analysis cannot follow (an opaque attention module upstream, say)
+    opaque_adds: list[str] = field(default_factory=list)
+
+    def no_blocks_reason(self) -> str:
+        """Why the graph has no residual blocks, for error messages."""
+        if self.opaque_adds:
+            return (f"it has {len(self.opaque_adds)} residual add(s) (e.g. node '{self.opaque_adds[0]}'), but the "
+                    f"channel analysis cannot follow channels through them (an opaque module, such as attention, "
+                    f"upstream)")
+        return "it has no residual blocks (no add of a branch with a conv or linear layer to its input)"
 
     def heads_for(self, heads: int | str) -> int:
         """The number of auxiliary classifiers ``heads`` (an int, or ``"auto"``) gives: at most one
@@ -175,6 +186,7 @@ def find_structure(gm: fx.GraphModule, a: ChannelAnalysis) -> Structure:
     modules = module_index(gm)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     blocks: list[ResidualBlock] = []
+    opaque: list[str] = []
     stage, last_classes = -1, None
     for n in gm.graph.nodes:
         if not _is_add(n):
@@ -182,12 +194,8 @@ def find_structure(gm: fx.GraphModule, a: ChannelAnalysis) -> Structure:
         operands = [x for x in (list(n.args) + list(n.kwargs.values())) if isinstance(x, fx.Node)]
         if len(operands) != 2:
             continue
-        va, vb = (a.values.get(x.name) for x in operands)
-        if not (isinstance(va, TensorVal) and isinstance(vb, TensorVal) and va.has_channels and vb.has_channels):
-            continue
         sa, sb = tensor_shape(operands[0]), tensor_shape(operands[1])
-        if sa is None or sa != sb or len(va.ids) != len(vb.ids) or \
-                not np.array_equal(a.class_of(va.ids), a.class_of(vb.ids)):
+        if sa is None or sa != sb:
             continue
         anc_a, anc_b = ancestors(operands[0]), ancestors(operands[1])
         common = anc_a & anc_b
@@ -196,6 +204,11 @@ def find_structure(gm: fx.GraphModule, a: ChannelAnalysis) -> Structure:
         branch = (anc_a | anc_b) - common
         layers = sorted((m for m in branch if is_weight_layer(m, modules)), key=order.__getitem__)
         if not layers:
+            continue
+        va, vb = (a.values.get(x.name) for x in operands)
+        if not (isinstance(va, TensorVal) and isinstance(vb, TensorVal) and va.has_channels and vb.has_channels
+                and len(va.ids) == len(vb.ids) and np.array_equal(a.class_of(va.ids), a.class_of(vb.ids))):
+            opaque.append(n.name)
             continue
         out = n
         users = list(n.users)
@@ -206,7 +219,7 @@ def find_structure(gm: fx.GraphModule, a: ChannelAnalysis) -> Structure:
             stage, last_classes = stage + 1, classes
         blocks.append(ResidualBlock(len(blocks), n.name, out.name, max(common, key=order.__getitem__).name,
                                     tuple(m.name for m in layers), len(va.ids), stage))
-    return Structure(blocks, stage + 1, weight_depth(gm, modules))
+    return Structure(blocks, stage + 1, weight_depth(gm, modules), opaque)
 
 
 def _stream_classes(a: ChannelAnalysis, structure: Structure) -> set[int]:
