@@ -46,7 +46,7 @@ trains CIFAR with it), images normalised with the training set's mean and sd.
 
 **Sizes and constants** (full mode; each chosen to fit 2 CPU cores and ≤ 60 minutes): the full
 60 000 / 10 000 images; 3 seeds × 8 arms = 24 trainings (+ 3 fine-tunings); ``resnet_cifar(8)``
-(one block per stage, 78 k parameters, 9.1 M MACs dense — ResNet-18 on ImageNet has 11.7 M and
+(one block per stage, 75 k parameters, 9.1 M MACs dense — ResNet-18 on ImageNet has 11.7 M and
 1.8 G); 2 epochs (936 iterations; the k schedule is defined on the fraction of training, so it
 ramps from iteration 78 to 702 and holds ξ for the last 234); a DGC training iteration costs
 about 3× a dense one on CPU (the masked formulation computes every head over all channels), so
