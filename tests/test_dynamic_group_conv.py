@@ -758,6 +758,8 @@ def test_paper_placement_on_a_densenet_converts_the_1x1_convs_only_and_keeps_the
     assert exact.contract is graphsel.Contract.EXACT
     assert_same_function(model, graphsel.transform(model, [exact], x), x)
     assert dgc.detect_family(graphsel.trace(model, x)) == "densenet"
+    named = graphsel.transform(model, [("dynamic_group_conv", {"placement": "paper", "include": ["features.0.0.brc2.conv"]})], x)
+    assert [path for path, _ in dgc.dgc_modules(named)] == ["features.0.0.brc2.conv"]     # include= wins
 
 
 def test_paper_placement_on_a_resnet_converts_the_block_convs_each_with_its_own_bn_relu():

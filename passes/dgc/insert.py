@@ -102,7 +102,8 @@ class ApplyDynamicGroupConv(Pass):
     ``BatchNorm2d → ReLU`` chain whose nodes feed only the next one is absorbed into the layer
     (``absorb_bn_relu``). Every skipped conv gets a diagnostic saying why; a conv the user named in
     ``include`` that cannot be converted is an error. Convs left static by ``placement="paper"``
-    get an info diagnostic and are counted in ``stats["static_by_placement"]``.
+    get an info diagnostic and are counted in ``stats["static_by_placement"]``; a conv named in
+    ``include`` (by path) is converted whatever the placement.
 
     Options: ``heads`` (H, default 4), ``ratio`` (ξ ∈ [0, 1), the target pruning rate stored in
     each layer; the schedule reaches it, see :func:`set_progress`), ``squeeze_rate`` (r, halved
@@ -154,8 +155,8 @@ class ApplyDynamicGroupConv(Pass):
 
     def _placed(self, gm: fx.GraphModule, node: fx.Node, conv: nn.Conv2d, family: str) -> str | None:
         """None when the placement converts this conv, else why it stays static."""
-        if self.placement != "paper":
-            return None
+        if self.placement != "paper" or (self.include_paths is not None and node.target in self.include_paths):
+            return None                               # a conv named in include= is converted whatever the placement
         x = first_input(node)
         if x is not None and x.op == "placeholder":
             return "the stem (reads a model input) stays static under placement='paper'"
