@@ -229,13 +229,12 @@ class ShapeBranch(nn.Module):
         return x
 
 
-def test_an_untraceable_submodule_is_auto_leafed_through_transform():
+def test_an_untraceable_submodule_is_specialised_through_transform():
     model = make_net()
     model.insert(3, ShapeBranch())
     model.eval()
     out = graphsel.transform(model, ["fuse_bn"], X)
-    assert [r.path for r in graphsel_meta(out).leafed] == ["3"]
-    assert "leafed '3'" in graphsel.report(out)
+    assert graphsel_meta(out).leafed == [] and "specialised" in graphsel.report(out)
     assert_same_function(model, out, X)
 
 
@@ -247,7 +246,8 @@ def test_an_untraceable_root_gives_a_trace_error():
 
         def forward(self, x):
             for row in x:  # iterating a tensor in the root forward
-                x = x + row
+                if row.max() > 0:          # and branching on its values: no shape specialisation helps
+                    x = x + row
             return self.conv(x)
 
     model = Root()

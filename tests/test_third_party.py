@@ -137,3 +137,106 @@ def test_fold_weight_std_is_exact_and_leaves_plain_convs():
     assert all(type(m) is nn.Conv2d for m in (gm.a, gm.b, gm.c))
     assert graphsel.graphsel_meta(gm).history[-1].stats["folded"] == 3
     assert_same_function(model, gm, x)
+
+
+# -- forwards that branch on input shapes, optional arguments, dataclass outputs ---------------------
+
+class ShapeBranching(nn.Module):
+    """Like CrossViT / NesT: the root forward and a submodule read the input's shape as Python values."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(2))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x, scale: float | None = None, return_features: bool = False):
+        B, C, H, W = x.shape
+        if H != 16:                                           # the root branches on the input size
+            x = nn.functional.interpolate(x, size=(16, 16))
+        x = self.stem(x)
+        for i in range(x.shape[1] // 4):                      # a loop whose length is a shape
+            x = torch.relu(self.blocks[i](x))
+        if scale is not None:
+            x = x * scale
+        f = x.mean((2, 3))
+        return (self.head(f), f) if return_features else self.head(f)
+
+
+def test_a_forward_branching_on_shapes_is_traced_specialised_and_reported():
+    model = ShapeBranching().eval()
+    x = (torch.randn(2, 3, 12, 12),)
+    with pytest.raises(graphsel.TraceError):
+        graphsel.trace(model)                                 # no example inputs: no shapes to specialise to
+    gm = graphsel.trace(model, x)
+    note = graphsel.graphsel_meta(gm).notes[-1]
+    assert "specialised to 2×3×12×12" in note and "scale=None" in note and "return_features=False" in note
+    assert_same_function(model, gm, x)
+    slim = graphsel.transform(model, [("prune", {"ratio": 0.5}), "fold_masks", "materialize"], x)
+    assert slim.stem.out_channels < 8 and "specialised" in graphsel.report(slim)
+
+
+def test_a_data_dependent_branch_is_still_refused():
+    class DataBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y if y.sum() > 0 else -y                     # a branch on values, not shapes
+    with pytest.raises(graphsel.TraceError):
+        graphsel.trace(DataBranch().eval(), torch.randn(1, 3, 4, 4))
+
+
+def _hf_models():
+    transformers = pytest.importorskip("transformers")
+    T = transformers
+    return {
+        "resnet": T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3),
+        "convnext": T.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3),
+        "vit": T.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                           image_size=16, patch_size=8, num_labels=3),
+    }
+
+
+@pytest.mark.parametrize("name", ["resnet", "convnext", "vit"])
+def test_huggingface_image_classifiers_convert_directly_and_keep_their_output_type(name):
+    transformers = pytest.importorskip("transformers")
+    config = _hf_models()[name]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageClassification.from_config(config).eval()
+    x = torch.randn(1, 3, getattr(config, "image_size", 32), getattr(config, "image_size", 32))
+    slim = graphsel.transform(model, [("prune", {"ratio": 0.5}), "fold_masks", "materialize"], x)   # verified
+    out, ref = slim(x), model(x)
+    assert type(out) is type(ref) and out.logits.shape == ref.logits.shape
+    assert graphsel.cost(slim, x).macs < graphsel.cost(model, x).macs
+
+
+# -- what verification cannot judge ------------------------------------------------------------------
+
+def test_non_finite_weights_inputs_and_outputs_are_refused_with_the_tensor_named():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(graphsel.GraphselError, match=r"'0\.weight' holds 1 NaN"):
+        graphsel.transform(model, [("prune", {"ratio": 0.5})], x)
+    graphsel.transform(model, ["fuse_bn"], x, check_finite=False)            # the documented opt-out
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = 1.0
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(graphsel.GraphselError, match="example input 0 holds 1 non-finite"):
+        graphsel.transform(model, ["fuse_bn"], bad)
+    overflow = nn.Sequential(nn.Conv2d(3, 2, 1)).eval()
+    with torch.no_grad():
+        overflow[0].weight.fill_(3e38)
+    with pytest.raises(graphsel.GraphselError, match="output 0 is not finite"):
+        graphsel.transform(overflow, ["fuse_bn"], x)
+
+
+def test_a_model_on_the_meta_device_gets_a_clear_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3)).to("meta")
+    with pytest.raises(graphsel.GraphselError, match="meta device.*graphsel.cost"):
+        graphsel.transform(model, ["fuse_bn"], torch.randn(1, 3, 8, 8, device="meta"))

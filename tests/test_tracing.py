@@ -166,12 +166,45 @@ class Untraceable(nn.Module):
         return self.head(self.loop(self.outer(self.shape_if(self.stem(x)))))
 
 
-def test_untraceable_submodules_are_auto_leafed_and_recorded():
+class DataIf(nn.Module):
+    """Branches on the tensor's values: no shape specialisation can trace it."""
+
+    def forward(self, x):
+        return x * 2 if x.mean() > 0 else x - 1
+
+
+class ValueDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.gate = DataIf()
+        self.outer = Outer(6)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.outer(self.gate(self.stem(x))))
+
+
+def test_shape_dependent_submodules_are_traced_specialised_not_leafed():
+    """Code that reads the input's shape (branches, int(), loops over the batch) traces once the
+    shapes are known: specialised to the example inputs, recorded, nothing made opaque."""
     model = Untraceable().eval()
     x = torch.randn(2, 3, 9, 7)
     with pytest.raises(Exception):
         fx.symbolic_trace(copy.deepcopy(model))  # plain torch.fx cannot trace it
     gm = graphsel.trace(model, x)
+    assert graphsel_meta(gm).leafed == []
+    assert any("specialised to 2×3×9×7" in n for n in graphsel_meta(gm).notes)
+    assert_same_function(model, gm, x)
+    assert "specialised" in graphsel.report(gm)
+
+
+def test_untraceable_submodules_are_auto_leafed_and_recorded():
+    """Without example inputs nothing can be specialised: the innermost failing modules become
+    opaque leaves (as they do for value-dependent code, below)."""
+    model = Untraceable().eval()
+    x = torch.randn(2, 3, 9, 7)
+    gm = graphsel.trace(model)
     assert_same_function(model, gm, x)
     leafed = {r.path: r for r in graphsel_meta(gm).leafed}
     assert set(leafed) == {"shape_if", "outer.inner", "loop"}  # the innermost failing modules only
@@ -182,6 +215,14 @@ def test_untraceable_submodules_are_auto_leafed_and_recorded():
     text = graphsel.report(gm)
     for path in leafed:
         assert f"leafed '{path}'" in text
+
+
+def test_value_dependent_submodules_are_auto_leafed_even_with_example_inputs():
+    model = ValueDependent().eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = graphsel.trace(model, x)
+    assert [r.path for r in graphsel_meta(gm).leafed] == ["gate"]     # outer.inner specialised, gate leafed
+    assert_same_function(model, gm, x)
 
 
 def test_root_level_failure_names_path_line_and_remedy():
@@ -207,7 +248,7 @@ def test_root_level_failure_names_path_line_and_remedy():
 def test_explicit_leaves_are_not_reported_as_auto_leafed():
     model = Untraceable().eval()
     x = torch.randn(1, 3, 8, 8)
-    gm = graphsel.trace(model, x, leaf_modules=["outer.inner"])
+    gm = graphsel.trace(model, leaf_modules=["outer.inner"])
     assert {r.path for r in graphsel_meta(gm).leafed} == {"shape_if", "loop"}
     assert "outer.inner" in {n.target for n in gm.graph.nodes if n.op == "call_module"}
     assert_same_function(model, gm, x)
@@ -215,7 +256,7 @@ def test_explicit_leaves_are_not_reported_as_auto_leafed():
 
 def test_max_auto_leaves_gives_a_trace_error_naming_the_module():
     with pytest.raises(TraceError) as info:
-        graphsel.trace(Untraceable().eval(), torch.randn(1, 3, 8, 8), max_auto_leaves=1)
+        graphsel.trace(Untraceable().eval(), max_auto_leaves=1)
     assert info.value.module_path in {"outer.inner", "loop"}
     assert "leaf_modules=['" in info.value.remedy
 
@@ -257,8 +298,12 @@ def test_concrete_args_specialise_flag_arguments():
     model = Flip().eval()
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(TraceError) as info:
-        graphsel.trace(model, x)
+        graphsel.trace(model)                          # no example inputs: nothing to fix them against
     assert "concrete_args={'flip': False, 'scale': None}" in info.value.remedy
+    gm = graphsel.trace(model, x)                      # with them: the flags are fixed to their defaults
+    assert "flip=False, scale=None" in graphsel_meta(gm).notes[-1]
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x))
     gm = graphsel.trace(model, x, concrete_args={"flip": True, "scale": 3.0})
     with torch.no_grad():
         assert torch.allclose(gm(x), model(x, flip=True, scale=3.0))
@@ -357,15 +402,17 @@ def test_module_caching_tensors_in_a_dict_traces_correctly_twice():
 @pytest.mark.parametrize("name, expected_leaf_class", [("tf_efficientnet_b0", "Conv2dSame"),
                                                        ("efficientvit_b0", "LiteMLA")])
 def test_timm_models_trace_with_auto_leafing(name, expected_leaf_class):
+    """With example inputs the shape-dependent modules are specialised (nothing opaque); without,
+    they are auto-leafed."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
     x = torch.randn(2, 3, 64, 64)
     with pytest.raises(Exception):
         fx.symbolic_trace(copy.deepcopy(model))
+    assert {r.cls for r in graphsel_meta(graphsel.trace(model)).leafed} == {expected_leaf_class}
     gm = graphsel.trace(model, x)
-    leafed = graphsel_meta(gm).leafed
-    assert leafed and {r.cls for r in leafed} == {expected_leaf_class}
+    assert graphsel_meta(gm).leafed == [] and "specialised" in graphsel_meta(gm).notes[-1]
     assert_same_function(model, gm, x)
     assert_same_function(model, gm, (torch.randn(2, 3, 64, 64),))
 

@@ -36,6 +36,8 @@ from graphsel.errors import ExampleInputError, TraceError
 from graphsel.ir.graph import mark_compiled, module_index
 from graphsel.ir.meta import GraphselMeta, LeafRecord, META_KEY
 from graphsel.ir.shapes import propagate_shapes
+from graphsel.ir.specialize import (SHIM_PREFIX, fixed_defaults, keep_output_type, make_specializing, run_model,
+                                    shim_root, strip_shim)
 
 _REGISTERED_LEAVES: list[type] = []
 _REGISTERED_LEAF_NAMES: set[str] = set()      # "package.module.Class" of classes not imported here
@@ -126,6 +128,9 @@ class GraphselTracer(fx.Tracer):
             raise
         finally:
             self._stack.pop()
+
+
+_SpecializingTracer = make_specializing(GraphselTracer)
 
 
 def _get_submodule(model: nn.Module, path: str) -> nn.Module | None:
@@ -286,10 +291,31 @@ def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequenc
 
     t0 = time.perf_counter()
     leafed: list[LeafRecord] = []
-    work, graph = _trace_with_auto_leafing(model, leaf_types, leaf_paths, leafed, concrete_args, max_auto_leaves,
-                                           training=False, share_parameters=share_parameters)
+    try:
+        work, graph = _trace_with_auto_leafing(model, leaf_types, leaf_paths, leafed, concrete_args, max_auto_leaves,
+                                               training=False, share_parameters=share_parameters)
+        failure = None
+    except TraceError as e:
+        failure = e
+    specialized = None
+    if (failure is not None or leafed) and inputs is not None:
+        # a forward that branches on its input's shapes: trace it specialised to the example inputs
+        fixed = fixed_defaults(model, len(inputs), concrete_args)
+        leafed_here: list[LeafRecord] = []
+        try:
+            work2, graph2 = _trace_with_auto_leafing(model, leaf_types, leaf_paths, leafed_here, fixed,
+                                                     max_auto_leaves, training=False,
+                                                     share_parameters=share_parameters, specialize=inputs)
+            if failure is not None or len(leafed_here) < len(leafed):
+                work, graph, leafed, failure = work2, graph2, leafed_here, None
+                specialized = (fixed, {k: v for k, v in fixed.items() if k not in (concrete_args or {})})
+                concrete_args = fixed
+        except TraceError:
+            pass
+    if failure is not None:
+        raise failure
     train_differs = False
-    if any(m.training for m in module_index(model).values()):
+    if specialized is None and any(m.training for m in module_index(model).values()):
         # The graph is traced with eval semantics (what graphsel verifies and deploys). Code that
         # reads self.training as a Python value (F.dropout(training=self.training), `if self.training:`)
         # is specialised at trace time; say so when the train-mode trace would differ.
@@ -300,6 +326,8 @@ def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequenc
         except Exception:  # noqa: BLE001 - informative only
             train_differs = True
     _concrete_values_as_defaults(graph, concrete_args)
+    kept_type = specialized is not None and keep_output_type(
+        graph, run_model(work.eval(), inputs, specialized[0]), len(inputs))
     gm = fx.GraphModule(work, graph, class_name=type(model).__name__)
     mark_compiled(gm)
     _copy_training_flags(model, gm)
@@ -307,6 +335,12 @@ def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequenc
     gm.meta[META_KEY] = meta
     for r in leafed:
         meta.notes.append(f"leafed '{r.path}' ({r.cls}): {r.reason}; its channels are frozen")
+    if specialized is not None:
+        shapes = ", ".join("×".join(map(str, t.shape)) for t in inputs)
+        fixed_now = ", ".join(f"{k}={v!r}" for k, v in specialized[1].items())
+        meta.notes.append(f"the forward branches on its input's shapes: traced specialised to {shapes}"
+                          + (f"; arguments fixed to their defaults: {fixed_now}" if fixed_now else "")
+                          + ("; the output keeps its type" if kept_type else ""))
     if train_differs:
         meta.notes.append("the model's forward reads self.training as a Python value (functional dropout or "
                           "`if self.training:` branches): the graph was traced with eval-mode semantics, so "
@@ -323,10 +357,12 @@ def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequenc
 
 def _trace_with_auto_leafing(model: nn.Module, leaf_types: list, leaf_paths: list, leafed: list[LeafRecord],
                              concrete_args, max_auto_leaves: int, training: bool,
-                             share_parameters: bool = False) -> tuple[nn.Module, fx.Graph]:
+                             share_parameters: bool = False, specialize: tuple | None = None
+                             ) -> tuple[nn.Module, fx.Graph]:
     """Trace a deep copy of ``model`` (every module's flag set to ``training``), making the innermost
     failing submodule a leaf and retrying; appends to ``leafed``. Returns (copy, graph); the
-    caller gives the modules it keeps the flags of ``model`` back."""
+    caller gives the modules it keeps the flags of ``model`` back. ``specialize``: the example
+    inputs to specialise shapes to (:mod:`graphsel.ir.specialize`)."""
     # buffers: cloned up front where that is what deepcopy would do (cheaper than deepcopy)
     shared = clone_memo(list(model.parameters()) + list(model.buffers()), model.buffers())
     if share_parameters:
@@ -334,12 +370,21 @@ def _trace_with_auto_leafing(model: nn.Module, leaf_types: list, leaf_paths: lis
     while True:
         work = deepcopy_module(model, dict(shared))
         work.train(training)
-        tracer = GraphselTracer(leaf_types, list(leaf_paths) + [r.path for r in leafed])
+        paths = list(leaf_paths) + [r.path for r in leafed]
         try:
-            graph = tracer.trace(work, concrete_args=concrete_args)
+            if specialize is None:
+                tracer = GraphselTracer(leaf_types, paths)
+                graph = tracer.trace(work, concrete_args=concrete_args)
+            else:
+                # through a root of plain signature that calls the model with the fixed arguments
+                # (torch.fx mis-binds the arguments of decorated forwards such as HuggingFace's)
+                tracer = _SpecializingTracer(leaf_types, [f"{SHIM_PREFIX}.{p}" for p in paths],
+                                             example_inputs=specialize)
+                graph = strip_shim(tracer.trace(shim_root(work, len(specialize), concrete_args or {})))
             break
         except Exception as e:  # noqa: BLE001
-            stack = tracer.failure_stack
+            stack = [p[len(SHIM_PREFIX) + 1:] if specialize is not None else p for p in tracer.failure_stack or []
+                     if specialize is None or p.startswith(SHIM_PREFIX + ".")]
             if not stack:
                 raise TraceError(
                     f"cannot trace {type(model).__name__}: {_short(e)} (the failure is in the model's own "

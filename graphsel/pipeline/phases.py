@@ -327,17 +327,23 @@ def _gc_paused():
 def transform(model: nn.Module, passes: Any, example_inputs: Any = None, *, verify: bool = True,
               leaf_modules: Sequence[type | str] = (), concrete_args: dict[str, Any] | None = None,
               seed: int = 0, n_random_inputs: int = 2, rtol: float | None = None, atol: float | None = None,
-              progress: bool | None = None) -> fx.GraphModule:
+              progress: bool | None = None, check_finite: bool = True) -> fx.GraphModule:
     """Trace ``model`` (unless it is a graphsel GraphModule) and run ``passes`` over it.
 
     ``passes``: Pass objects, registered names, ``(name, {options})`` pairs, or one
     comma-separated string. ``verify``: check every pass's contract (see the module docstring).
-    Returns a GraphModule carrying its pass history (:func:`graphsel.report` renders it), in the
-    training mode of ``model`` when that mode was uniform.
+    Verification refuses what it cannot judge — weights, buffers, example inputs or model outputs
+    that are not finite (a comparison with NaN holds vacuously) — with a :class:`GraphselError`
+    naming the tensor; ``check_finite=False`` skips that check. Returns a GraphModule carrying its
+    pass history (:func:`graphsel.report` renders it), in the training mode of ``model`` when that
+    mode was uniform.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"graphsel.transform expects a torch.nn.Module, got {type(model).__name__}")
     pipeline = resolve_passes(passes)
+    _check_device(model, example_inputs)
+    if verify and check_finite:
+        _check_finite(model, example_inputs)
     mode = _mode_of(model)
     shared: set[int] = set()
     if isinstance(model, fx.GraphModule) and graphsel_meta(model, create=False) is not None:
@@ -357,6 +363,9 @@ def transform(model: nn.Module, passes: Any, example_inputs: Any = None, *, veri
     bar = tqdm(pipeline, desc="graphsel", unit="pass", disable=(not progress) if progress is not None else None,
                leave=False)
     signature = None
+    if verify and check_finite and ctx.verify_inputs():
+        reference = [reference_forward(gm, x, ctx) for x in ctx.verify_inputs()]
+        _check_finite_outputs(reference)
     for p in bar:
         bar.set_postfix_str(p.name)
         gm, _, reference, signature = run_pass(p, gm, ctx, verify=verify, reference=reference, rtol=rtol,
@@ -366,6 +375,46 @@ def transform(model: nn.Module, passes: Any, example_inputs: Any = None, *, veri
     if mode is not None:
         gm.train(mode)
     return gm
+
+
+def _check_device(model: nn.Module, example_inputs: Any) -> None:
+    """graphsel runs models: tensors on the meta device (no data) cannot be transformed."""
+    named = list(module_tensors_of(model)) + [(f"example input {i}", t) for i, t in
+                                              enumerate(as_tuple(example_inputs) or ()) if isinstance(t, torch.Tensor)]
+    meta = next((name for name, t in named if t.device.type == "meta"), None)
+    if meta is not None:
+        raise GraphselError(f"'{meta}' is on the meta device (shapes without data): graphsel.transform runs the "
+                            f"model to trace, verify and slice it, so it needs real tensors (CPU or CUDA). For the "
+                            f"costs of a meta model use graphsel.cost(model, example_inputs).")
+
+
+def module_tensors_of(model: nn.Module):
+    """(qualified name, tensor) for every parameter and buffer of ``model``."""
+    for path, _, name, t in module_tensors(module_index(model)):
+        yield (f"{path}.{name}" if path else name), t
+
+
+def _check_finite(model: nn.Module, example_inputs: Any) -> None:
+    for i, t in enumerate(as_tuple(example_inputs) or ()):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise GraphselError(f"example input {i} holds {int((~torch.isfinite(t)).sum())} non-finite value(s): "
+                                f"verification cannot judge outputs computed from it. Pass finite example inputs "
+                                f"(or check_finite=False to skip this check).")
+    for name, t in module_tensors_of(model):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise GraphselError(f"'{name}' holds {int((~torch.isfinite(t)).sum())} NaN or infinite value(s): "
+                                f"verification cannot judge a model whose weights are not finite (every comparison "
+                                f"with NaN holds), and criteria such as L1 would rank on them. Fix the weights (or "
+                                f"pass check_finite=False to skip this check).")
+
+
+def _check_finite_outputs(reference: list[list[torch.Tensor]]) -> None:
+    for r in reference:
+        for i, t in enumerate(r):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise GraphselError(f"the model's output {i} is not finite on the verification inputs before any "
+                                    f"pass ran ({int((~torch.isfinite(t)).sum())} NaN/inf values): verification "
+                                    f"cannot judge it. Check the model and its inputs (or pass check_finite=False).")
 
 
 def _storages(tensors) -> set[int]:
