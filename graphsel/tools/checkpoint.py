@@ -933,6 +933,7 @@ def _build_modules(entries: Any, dec: _Decoder) -> list[nn.Module | None]:
     return objs
 
 
+@functools.lru_cache(maxsize=65536)
 def _shadows_method(cls: type, name: str) -> bool:
     """An instance attribute ``name`` would hide a method of ``cls`` (``forward``, say)."""
     import inspect
@@ -995,9 +996,14 @@ def _describe_graph(gm: fx.GraphModule, encode: _Encoder) -> dict:
             entry["target"] = n.target
         entry["args"] = encode(list(n.args), f"{where} arguments", graph=True)
         entry["kwargs"] = encode(dict(n.kwargs), f"{where} keyword arguments", graph=True)
-        if n.type is not None:
+        if n.type is not None:          # an annotation in the generated code (GoogLeNet's -> GoogLeNetOutputs)
             tname = next((k for k, t in _NODE_TYPES.items() if t is n.type), None)
-            if tname:
+            if tname is None and isinstance(n.type, type):
+                try:
+                    tname = {"$global": global_name(n.type, f"{where} type annotation")}
+                except CheckpointError:
+                    tname = None        # not data (a typing construct, a local class): the annotation is dropped
+            if tname is not None:
                 entry["type"] = tname
         stack = n.meta.get("nn_module_stack")
         if stack:
@@ -1064,10 +1070,15 @@ def _build_graph(data: Any, dec: _Decoder) -> tuple[fx.Graph, str]:
                                   or args[1] in DENIED_NAMES):
             raise CheckpointError(f"{what}: getattr needs a literal attribute name (an identifier, not a dunder)")
         tname = e.get("type")
-        if tname is not None and tname not in _NODE_TYPES:
+        if isinstance(tname, dict) and set(tname) == {"$global"}:
+            type_expr = resolve(tname["$global"], f"{what} type annotation")
+            if not isinstance(type_expr, type):
+                raise CheckpointError(f"{what}: type annotation {tname['$global']!r} is not a class")
+        elif tname is None or isinstance(tname, str) and tname in _NODE_TYPES:
+            type_expr = _NODE_TYPES.get(tname) if tname else None
+        else:
             raise CheckpointError(f"{what}: unknown type annotation {tname!r}")
-        node = graph.create_node(op, target, tuple(args), kwargs, name=name,
-                                 type_expr=_NODE_TYPES.get(tname) if tname else None)
+        node = graph.create_node(op, target, tuple(args), kwargs, name=name, type_expr=type_expr)
         if node.name != name:
             raise CheckpointError(f"{what}: torch.fx renamed it to {node.name!r} (a reserved or duplicate name)")
         stack = e.get("nn_module_stack")
