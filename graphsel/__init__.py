@@ -25,7 +25,8 @@ from graphsel.pipeline.phases import transform
 from graphsel.pipeline.report import report
 from graphsel import passes  # noqa: F401 - registers the built-in passes
 from graphsel.tools.export import ExportError, ExportResult, export
-from graphsel.tools.zoo import ModelSpecError, load_model, save
+from graphsel.tools.checkpoint import CheckpointError
+from graphsel.tools.zoo import ModelSpecError, UntrustedFileError, load_model, save
 
 __all__ = [
     # trace and transform
@@ -42,5 +43,5 @@ __all__ = [
     "export", "ExportResult", "load_model", "save",
     # errors and metadata
     "GraphselError", "TraceError", "PassError", "FunctionChangedError", "MaskError", "ExampleInputError",
-    "ExportError", "ModelSpecError", "GraphselMeta", "graphsel_meta", "__version__",
+    "ExportError", "ModelSpecError", "UntrustedFileError", "CheckpointError", "GraphselMeta", "graphsel_meta", "__version__",
 ]

@@ -76,6 +76,7 @@ class PassRecord:
     max_rel: float | None = None
     tolerance: float | None = None
     verify_seconds: float = 0.0
+    verified: bool = False             # the contract was checked (structural: the output shapes)
     stats: dict[str, Any] = field(default_factory=dict)
     diagnostics: list[Any] = field(default_factory=list)
 

@@ -47,6 +47,7 @@ class PassContext:
         self.seed = seed
         self._cache: dict[tuple[str, int, Any], Any] = {}
         self._verify_inputs: list[tuple] | None = None
+        self.check_finite = False           # refuse non-finite outputs of a graph before a pass
 
     @classmethod
     def for_graph(cls, gm: fx.GraphModule, **kw) -> "PassContext":

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -38,6 +39,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata
+from torch.utils._pytree import tree_leaves as pytree_leaves
 from tqdm.auto import tqdm
 
 from graphsel.errors import FunctionChangedError, GraphselError, PassError
@@ -69,6 +71,7 @@ class _Step:
     unchanged: bool = False
     new_signature: tuple | None = None
     deviation: Deviation | None = None
+    checked: bool = False
     verify_seconds: float = 0.0
     new_reference: list[list[torch.Tensor]] | None = None
 
@@ -90,8 +93,12 @@ def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = Tr
 
 
 def _prepare(p: Pass, gm: fx.GraphModule, ctx: PassContext, verify: bool, reference, signature) -> _Step:
-    if verify and reference is None and ctx.verify_inputs():
+    # a structural pass is checked on its output shapes alone: the outputs of the graph before it
+    # are computed only for a pass that compares values (and then reused by the next one)
+    if verify and reference is None and p.contract is not Contract.STRUCTURAL and ctx.verify_inputs():
         reference = [reference_forward(gm, x, ctx) for x in ctx.verify_inputs()]
+        if ctx.check_finite:
+            _check_finite_outputs(reference)
     # without verification nothing reads the previous graph again: the pass edits ``gm`` itself
     work = gm if not verify and not p.inplace_tensors else copy_for_pass(gm, p)
     index = module_index(gm)
@@ -168,7 +175,18 @@ def _shapes(step: _Step) -> None:
 def _verify(step: _Step, rtol: float | None, atol: float | None) -> None:
     t0 = time.perf_counter()
     ctx, p, new = step.ctx, step.p, step.result.gm
-    if step.verify and ctx.verify_inputs():
+    if step.verify and ctx.verify_inputs() and p.contract is Contract.STRUCTURAL:
+        before, after = _output_shapes(step.before), _output_shapes(new)
+        if before is None or after is None:            # shapes not recorded: run the new graph
+            before = [[tuple(t.shape) for t in r] for r in step.reference] if step.reference else None
+            step.new_reference = [reference_forward(new, x, ctx) for x in ctx.verify_inputs()]
+            after = [tuple(t.shape) for t in step.new_reference[0]]
+            before = before[0] if before else after
+        if before != after:
+            raise FunctionChangedError(p.name, str(p.contract), math.inf, math.inf, 0.0, None,
+                                       f"the outputs changed shape from {before} to {after}")
+        step.checked = True
+    elif step.verify and ctx.verify_inputs():
         step.new_reference = [reference_forward(new, x, ctx) for x in ctx.verify_inputs()]
         dev = compare_outputs(step.reference, step.new_reference, rtol, atol)
         contract = p.contract
@@ -184,7 +202,24 @@ def _verify(step: _Step, rtol: float | None, atol: float | None) -> None:
             raise FunctionChangedError(p.name, str(contract), dev.max_abs, dev.max_rel, tol, node,
                                        detail or dev.detail)
         step.deviation = dev
+        step.checked = True
     step.verify_seconds = time.perf_counter() - t0
+
+
+def _output_shapes(gm: fx.GraphModule) -> list[tuple] | None:
+    """The shapes of the graph's tensor outputs from its recorded ``tensor_meta`` (None when some
+    output has none)."""
+    out = next((n for n in gm.graph.nodes if n.op == "output"), None)
+    if out is None:
+        return None
+    shapes = []
+    for a in pytree_leaves(out.args[0]):
+        if isinstance(a, fx.Node):
+            tm = a.meta.get("tensor_meta")
+            if tm is None or not hasattr(tm, "shape"):
+                return None
+            shapes.append(tuple(tm.shape))
+    return shapes
 
 
 def _record(step: _Step) -> PassRecord:
@@ -200,7 +235,8 @@ def _record(step: _Step) -> PassRecord:
         params_before=step.cost_before[0], params_after=params_after, macs_before=step.cost_before[1],
         macs_after=macs_after, max_abs=dev.max_abs if dev else None, max_rel=dev.max_rel if dev else None,
         tolerance=(dev.tolerance if p.contract is Contract.EXACT else result.bound) if dev else None,
-        verify_seconds=step.verify_seconds, stats=dict(result.stats), diagnostics=list(result.diagnostics))
+        verify_seconds=step.verify_seconds, verified=step.checked, stats=dict(result.stats),
+        diagnostics=list(result.diagnostics))
     graphsel_meta(new).history.append(record)
     return record
 
@@ -358,14 +394,12 @@ def transform(model: nn.Module, passes: Any, example_inputs: Any = None, *, veri
         if not verify:
             shared = _storages(model.parameters())
     ctx = PassContext(example_inputs_of(gm), n_random_inputs=n_random_inputs, seed=seed)
+    ctx.check_finite = verify and check_finite
     ctx.invalidate(gm)                         # nothing cached for a graph handed in from outside applies
     reference = None
     bar = tqdm(pipeline, desc="graphsel", unit="pass", disable=(not progress) if progress is not None else None,
                leave=False)
     signature = None
-    if verify and check_finite and ctx.verify_inputs():
-        reference = [reference_forward(gm, x, ctx) for x in ctx.verify_inputs()]
-        _check_finite_outputs(reference)
     for p in bar:
         bar.set_postfix_str(p.name)
         gm, _, reference, signature = run_pass(p, gm, ctx, verify=verify, reference=reference, rtol=rtol,

@@ -29,7 +29,7 @@ def _arrow(a, b) -> str:
 
 def _dev(rec) -> str:
     if rec.max_abs is None:
-        return "not verified"
+        return "output shapes checked" if getattr(rec, "verified", False) else "not verified"
     tol = f" (≤ {rec.tolerance:.1e})" if rec.tolerance is not None else ""
     return f"{rec.max_abs:.1e}{tol}"
 
