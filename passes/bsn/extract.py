@@ -163,6 +163,7 @@ class BSNExtract(Pass):
             graph.erase_node(n)
             removed += 1
         delete_unused_modules(gm)
+        _delete_unused_tensors(gm)
         graph.lint()
         if self.keep_gates:
             GateGraph(gm).wire()
@@ -215,6 +216,21 @@ class BSNExtract(Pass):
                                         f"off); kept as the buffer '{name}'", u.name, level="warning"))
         const.meta["tensor_meta"] = tm
         return const
+
+
+def _delete_unused_tensors(gm: fx.GraphModule) -> None:
+    """Delete the parameters and buffers no node reads: those a traced-through module holds
+    itself (a layer-scale ``gamma`` read with ``get_attr``) stay with the module when another of
+    its children is still called (an ``nn.Identity`` shortcut), after the branch reading them went."""
+    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    called = tuple(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+    inside = tuple(c + "." for c in called)
+    for path, m in module_index(gm).items():
+        if path in called or path.startswith(inside):
+            continue                                 # a leaf (or inside one): its forward reads them
+        for name in list(m._parameters) + list(m._buffers):
+            if (f"{path}.{name}" if path else name) not in read:
+                delattr(m, name)
 
 
 def _resolve(n: fx.Node, replaced: dict[fx.Node, fx.Node]) -> fx.Node:
