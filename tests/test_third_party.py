@@ -240,3 +240,15 @@ def test_a_model_on_the_meta_device_gets_a_clear_error():
     model = nn.Sequential(nn.Conv2d(3, 4, 3)).to("meta")
     with pytest.raises(graphsel.GraphselError, match="meta device.*graphsel.cost"):
         graphsel.transform(model, ["fuse_bn"], torch.randn(1, 3, 8, 8, device="meta"))
+
+
+def test_a_huggingface_model_round_trips_through_a_safe_checkpoint(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageClassification.from_config(_hf_models()["resnet"]).eval()
+    x = torch.randn(1, 3, 32, 32)
+    slim = graphsel.transform(model, [("prune", {"ratio": 0.5}), "fold_masks", "materialize"], x)
+    graphsel.save(slim, tmp_path / "m.graphsel")
+    back = graphsel.load_model(tmp_path / "m.graphsel")
+    out, ref = back(x), slim(x)
+    assert type(out) is type(ref) and torch.equal(out.logits, ref.logits)

@@ -56,11 +56,13 @@ from typing import IO, Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 import torch.nn as nn
 
 from graphsel.errors import GraphselError
 from graphsel.ir.graph import mark_compiled
 from graphsel.ir.meta import META_KEY, GraphselMeta, new_version
+from graphsel.ir.specialize import OutputTypeCodeGen
 from graphsel.version import __version__
 
 FORMAT = "graphsel"
@@ -981,9 +983,15 @@ _NODE_TYPES = {"torch.Tensor": torch.Tensor, "int": int, "float": float, "bool":
 
 
 def _describe_graph(gm: fx.GraphModule, encode: _Encoder) -> dict:
-    codegen = type(gm.graph._codegen)
-    if codegen is not fx.graph.CodeGen:
-        raise CheckpointError(f"cannot save the graph: it uses the code generator {codegen.__qualname__} "
+    codegen = gm.graph._codegen
+    output_spec = None
+    if isinstance(codegen, OutputTypeCodeGen):      # a dataclass output (ModelOutput): its pytree spec as JSON
+        try:
+            output_spec = pytree.treespec_dumps(codegen.out_spec)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"cannot save the graph's output type: {type(e).__name__}: {e}") from e
+    elif type(codegen) is not fx.graph.CodeGen:
+        raise CheckpointError(f"cannot save the graph: it uses the code generator {type(codegen).__qualname__} "
                               f"(pytree inputs or outputs), which graphsel does not save as data; save with "
                               f"graphsel.save(gm, path, trust_pickle=True)")
     nodes = []
@@ -1011,7 +1019,7 @@ def _describe_graph(gm: fx.GraphModule, encode: _Encoder) -> dict:
         if n.meta.get("is_wrapped"):          # a torch.fx.wrap'ed function: the code says so, tracing keeps it
             entry["is_wrapped"] = True
         nodes.append(entry)
-    return {"class_name": type(gm).__name__, "nodes": nodes}
+    return {"class_name": type(gm).__name__, "nodes": nodes, "output_spec": output_spec}
 
 
 def _stack_path(v: Any) -> str:
@@ -1341,6 +1349,15 @@ def load_checkpoint(path: str | os.PathLike | IO[bytes], *, map_location: str | 
 def _graph_module(holder: nn.Module, graph_doc: dict, dec: _Decoder) -> fx.GraphModule:
     graph, class_name = _build_graph(graph_doc, dec)
     dec.nodes = None
+    spec = graph_doc.get("output_spec")
+    if spec is not None:
+        # resolved through pytree's registry of serialised type names only (types the process
+        # registered itself, e.g. transformers' ModelOutputs once transformers is imported)
+        try:
+            graph._codegen = OutputTypeCodeGen(pytree.treespec_loads(spec))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"the graph's output type cannot be rebuilt ({type(e).__name__}: {e}); import "
+                                  f"the library that defines it (e.g. transformers) before loading") from e
     try:
         gm = fx.GraphModule(holder, graph, class_name=class_name)
     except Exception as e:  # noqa: BLE001
