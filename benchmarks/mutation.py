@@ -3,7 +3,8 @@
 A curated set of meaningful mutants — each one edit that a plausible bug would make (a wrong
 slice, an off-by-one in a split, a dropped mask, a skipped verification, a sign error in ECDM,
 a wrong threshold percentile, pruning the *most* important channels, ...) — is applied, one at a
-time, to a copy of the working tree (``git worktree`` of HEAD plus the uncommitted changes), and
+time, to a copy of the committed tree (a ``git worktree`` of HEAD: uncommitted edits are left out, so the
+score is the commit's), and
 the tests that exercise the mutated code run against it (``pytest -x``, the selection listed with
 each mutant, all of it part of ``make test``). A mutant is **killed** when a test fails, **survives**
 otherwise; every survivor is listed, with the reason it is equivalent where it is. Each mutant is
@@ -191,12 +192,9 @@ def _apply(tree: Path, m: Mutant) -> None:
 
 
 def _copy_tree(dst: Path) -> None:
-    """HEAD plus the working tree's uncommitted changes, with graphsel/passes linked to passes/
-    (as the editable install maps it), so that tests in the copy import the copy."""
+    """HEAD, with graphsel/passes linked to passes/ (as the editable install maps it), so that tests
+    in the copy import the copy."""
     subprocess.run(["git", "worktree", "add", "--detach", "-q", str(dst), "HEAD"], cwd=common.ROOT, check=True)
-    diff = subprocess.run(["git", "diff", "HEAD"], cwd=common.ROOT, capture_output=True, check=True).stdout
-    if diff:
-        subprocess.run(["git", "apply", "-"], cwd=dst, input=diff, check=True)
     (dst / "graphsel" / "passes").symlink_to("../passes")
 
 
