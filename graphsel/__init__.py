@@ -2,7 +2,7 @@
 
 ``graphsel.transform(model, passes=[...])`` traces any model with torch.fx and runs composable,
 verified passes over it; ``graphsel.report(gm)`` shows what each pass did. The package is built
-in layers (``ARCHITECTURE.md``): ``ir`` (tracing, copying, shapes) ← ``ops`` (the operator table)
+in layers (the README's Architecture section): ``ir`` (tracing, copying, shapes) ← ``ops`` (the operator table)
 ← ``analysis`` (channels, masks, cost) ← ``pipeline`` (passes, transform, verification, oracle)
 ← ``passes`` ← ``tools`` (CLI, model loading, export). This module is the public face of all of
 them.

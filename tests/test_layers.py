@@ -1,4 +1,4 @@
-"""The layering of ARCHITECTURE.md, checked on the source: every import (function-level ones
+"""The layering of the README's Architecture section, checked on the source: every import (function-level ones
 included) of every module of graphsel and its passes points down or sideways, never up, and the
 module import graph has no cycle.
 
