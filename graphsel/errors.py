@@ -63,3 +63,30 @@ class MaskError(GraphselError):
 
 class ExampleInputError(GraphselError, ValueError):
     """The example inputs do not fit the model."""
+
+
+class DistributedError(GraphselError, RuntimeError):
+    """A torch.distributed collective of graphsel failed (a peer process died, or did not answer
+    within the process group's timeout), or the ranks disagree on something they must share.
+
+    Attributes: ``collective`` (what graphsel was doing, e.g. ``"all_reduce of dealloc's
+    statistics"``), ``rank`` and ``world_size`` (of the process that raised, in its group)."""
+
+    def __init__(self, message: str, *, collective: str = "", rank: int | None = None,
+                 world_size: int | None = None):
+        self.collective = collective
+        self.rank = rank
+        self.world_size = world_size
+        super().__init__(message)
+
+
+class ReplicaMismatchError(DistributedError, AssertionError):
+    """The replicas of a model differ across ranks (:func:`graphsel.distributed.assert_replicas_equal`).
+    ``name`` is the first parameter or buffer that differs; ``ranks`` the ranks that hold another value
+    than rank 0."""
+
+    def __init__(self, message: str, *, name: str, ranks: list[int], rank: int | None = None,
+                 world_size: int | None = None):
+        self.name = name
+        self.ranks = ranks
+        super().__init__(message, collective="assert_replicas_equal", rank=rank, world_size=world_size)

@@ -2,7 +2,7 @@
 included) of every module of graphsel and its passes points down or sideways, never up, and the
 module import graph has no cycle.
 
-    base (errors, version) ← ir ← ops ← analysis ← pipeline ← passes ← tools ← graphsel (facade)
+    base (errors, version, distributed) ← ir ← ops ← analysis ← pipeline ← passes ← tools ← graphsel (facade)
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def layer_of(module: str) -> str:
     if module == "graphsel":
         return "facade"
     part = module.split(".")[1]
-    if part in ("errors", "version", "__main__"):
+    if part in ("errors", "version", "distributed", "__main__"):
         return "tools" if part == "__main__" else "base"
     if part not in LAYERS:
         raise AssertionError(f"module {module} is in no layer (graphsel/{part}): put it in one of {list(LAYERS)}")
@@ -115,3 +115,4 @@ def test_the_checker_sees_relative_and_absolute_imports():
     assert any(t == "graphsel.ops.table" for t, _ in imports["graphsel.ops.shape"])
     assert any(t == "graphsel.passes.sconv.module" for t, _ in imports["graphsel.passes.sconv.ecdm"])
     assert layer_of("graphsel.passes.sconv.ecdm") == "passes" and layer_of("graphsel.tools.cli") == "tools"
+    assert layer_of("graphsel.distributed") == "base"

@@ -9,6 +9,12 @@ changes the saliencies downstream, :func:`calibrate_global_threshold` re-collect
 effect and refines it (``refine`` rounds), so the pruning rate measured on the calibration data
 meets ξ. Under ``torch.export`` a global-threshold layer gathers all C_in channels (the kept
 count is data dependent) and masks the pruned ones: exact, but without the speed-up.
+
+Under torch.distributed (``process_group``; default: the default group when initialised, see
+:mod:`graphsel.distributed`) every rank holds the saliencies of its own data, and T is the
+threshold of their union: the two order statistics at the cut are found by counting over the
+ranks (exact, without gathering the saliencies), the measured rates and kept fractions are
+all-reduced counts. Every rank gets the T a single process computes on all the ranks' data.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+from graphsel import distributed as gd
 
 from .module import _check_ratio, _require_dgc
 
@@ -87,25 +95,62 @@ class SaliencyLibrary:
                              "open (with SaliencyLibrary(model) as lib: ...) or give calibrate_global_threshold data")
         return torch.cat(parts)
 
-    def threshold(self, ratio: float) -> float:
+    def threshold(self, ratio: float, *, process_group=None) -> float:
         """T such that a fraction ``ratio`` of G lies below it (midway between the neighbours at the
-        cut, so the fraction is exact when they differ)."""
+        cut, so the fraction is exact when they differ); under torch.distributed, of the union of
+        every rank's G (module docstring)."""
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
+        group = gd.resolve_group(process_group)
+        if group is not None:       # a rank may have collected nothing; the union must not be empty
+            local = [t.reshape(-1) for d in self.entries.values() for t in d]
+            return _union_threshold(torch.cat(local) if local else torch.zeros(0), float(ratio), group)
         v = torch.sort(self.values().double()).values
         m = int(round(float(ratio) * v.numel()))
         if m <= 0:
             return 0.0
         return float((v[m - 1] + v[m]) / 2) if m < v.numel() else float(v[-1]) * (1 + 1e-6) + 1e-12
 
-    def pruning_rates(self, threshold: float) -> dict[str, float]:
-        """Per layer: the fraction of collected |g| below ``threshold``."""
-        out = {}
-        for path, d in self.entries.items():
-            if d:
-                t = torch.cat([x.reshape(-1) for x in d])
-                out[path] = float((t < threshold).double().mean())
-        return out
+    def pruning_rates(self, threshold: float, *, process_group=None) -> dict[str, float]:
+        """Per layer: the fraction of collected |g| below ``threshold`` (over every rank's)."""
+        group = gd.resolve_group(process_group)
+        if group is None:
+            out = {}
+            for path, d in self.entries.items():
+                if d:
+                    t = torch.cat([x.reshape(-1) for x in d])
+                    out[path] = float((t < threshold).double().mean())
+            return out
+        sums = []                                   # per layer: entries below, entries
+        for d in self.entries.values():
+            sums += [float(sum(int((x < threshold).sum()) for x in d)), float(sum(x.numel() for x in d))]
+        sums = gd.sum_over(sums, group, what="SaliencyLibrary.pruning_rates")
+        return {path: sums[2 * i] / sums[2 * i + 1] for i, path in enumerate(self.entries) if sums[2 * i + 1] > 0}
+
+
+def _union_threshold(values: torch.Tensor, ratio: float, group) -> float:
+    """:meth:`SaliencyLibrary.threshold` of the union of every rank's ``values``, by counting."""
+    what = "the global threshold (calibrate_global_threshold)"
+    n = int(gd.sum_over([values.numel()], group, what=what)[0])
+    if n == 0:
+        raise ValueError("the saliency library is empty on every rank: run forward passes of the model while the "
+                         "library is open, or give calibrate_global_threshold data")
+    m = int(round(ratio * n))
+    if m <= 0:
+        return 0.0
+    if m < n:
+        below, above = gd.order_statistics(values, [m - 1, m], group, what=what)
+        return (below + above) / 2
+    top, = gd.order_statistics(values, [n - 1], group, what=what)
+    return top * (1 + 1e-6) + 1e-12
+
+
+def _fraction_below(values: torch.Tensor, t: float, group) -> float:
+    if group is None:
+        return float((values < t).double().mean())
+    below, total = gd.sum_over([float((values < t).sum()), values.numel()], group,
+                               what="the global threshold's measured rate (calibrate_global_threshold)")
+    return below / total
 
 
 def _batches(data: Any, max_batches: int | None) -> list:
@@ -141,7 +186,7 @@ def _default_ratio(mods) -> float:
 
 def calibrate_global_threshold(model: nn.Module, data: Any = None, *, library: SaliencyLibrary | None = None,
                                ratio: float | None = None, max_batches: int | None = None, refine: int = 3,
-                               signed: bool = True) -> float:
+                               signed: bool = True, process_group=None) -> float:
     """Choose the global threshold T, store it in every DGC layer and switch them to global gating.
 
     From ``library`` (saliencies collected during training, the paper's way): T is the
@@ -152,8 +197,12 @@ def calibrate_global_threshold(model: nn.Module, data: Any = None, *, library: S
     on the data is closest to ``ratio``. ``ratio`` defaults to the layers' scheduled ξ (see
     :func:`set_progress`). Each layer's ``keep_fraction`` buffer records its measured kept
     fraction per head (for the cost model). Returns T.
+
+    Under torch.distributed (``process_group``, default: the default group when initialised) each
+    rank gives its own library or data, and every rank gets the T of their union (module docstring).
     """
     mods = _require_dgc(model, "calibrate_global_threshold")
+    group = gd.resolve_group(process_group)
     if ratio is None:
         ratio = _default_ratio(mods)
     _check_ratio(ratio)
@@ -161,9 +210,9 @@ def calibrate_global_threshold(model: nn.Module, data: Any = None, *, library: S
         raise ValueError("calibrate_global_threshold needs data: pass data=<iterable of batches> or "
                          "library=<SaliencyLibrary filled during training>")
     if library is not None:
-        t = library.threshold(ratio)
+        t = library.threshold(ratio, process_group=group)
         use_global_threshold(model, signed=signed, threshold=t)
-        _store_keep_fractions(mods, {p: list(d) for p, d in library.entries.items()}, t)
+        _store_keep_fractions(mods, {p: list(d) for p, d in library.entries.items()}, t, group)
         return t
     batches = _batches(data, max_batches)
     if not batches:
@@ -172,20 +221,20 @@ def calibrate_global_threshold(model: nn.Module, data: Any = None, *, library: S
     use_global_threshold(model, signed=signed, threshold=0.0)
     best: tuple[float, float, dict] | None = None
     with torch.no_grad(), eval_mode(model):
-        t = _collect(model, batches).threshold(ratio)          # saliencies with nothing pruned
+        t = _collect(model, batches).threshold(ratio, process_group=group)    # nothing pruned yet
         for _ in range(max(0, int(refine)) + 1):
             for _, m in mods:
                 m.set_threshold(t)
             lib = _collect(model, batches)                     # saliencies with T in effect
-            err = abs(float((lib.values() < t).double().mean()) - ratio)
+            err = abs(_fraction_below(lib.values(), t, group) - ratio)
             if best is None or err < best[1]:
                 best = (t, err, {p: list(d) for p, d in lib.entries.items()})
             if err < 1e-4:
                 break
-            t = lib.threshold(ratio)
+            t = lib.threshold(ratio, process_group=group)
     for _, m in mods:
         m.set_threshold(best[0])
-    _store_keep_fractions(mods, best[2], best[0])
+    _store_keep_fractions(mods, best[2], best[0], group)
     return best[0]
 
 
@@ -199,12 +248,24 @@ def _collect(model: nn.Module, batches: list) -> SaliencyLibrary:
     return lib
 
 
-def _store_keep_fractions(mods, entries: dict[str, list], t: float) -> None:
+def _store_keep_fractions(mods, entries: dict[str, list], t: float, group=None) -> None:
+    if group is None:
+        for path, m in mods:
+            batches = entries.get(path) or []
+            if batches:
+                g = torch.cat([b.reshape(-1, m.heads, m.in_channels) for b in batches])
+                m.keep_fraction.copy_((g >= t).double().mean(dim=(0, 2)).to(m.keep_fraction.dtype))
+        return
+    counts = []                              # per layer and head: entries kept; then entries per head
     for path, m in mods:
-        batches = entries.get(path) or []
-        if batches:
-            g = torch.cat([b.reshape(-1, m.heads, m.in_channels) for b in batches])
-            m.keep_fraction.copy_((g >= t).double().mean(dim=(0, 2)).to(m.keep_fraction.dtype))
+        g = [b.reshape(-1, m.heads, m.in_channels) for b in entries.get(path) or []]
+        kept = sum(((x >= t).sum(dim=(0, 2)).double() for x in g), torch.zeros(m.heads, dtype=torch.float64))
+        counts.append(torch.cat([kept, torch.tensor([float(sum(x.shape[0] * x.shape[2] for x in g))],
+                                                    dtype=torch.float64)]))
+    total = gd.all_reduce_sum(torch.cat(counts), group, what="the kept fractions (calibrate_global_threshold)")
+    for (_, m), part in zip(mods, total.split([m.heads + 1 for _, m in mods])):
+        if part[-1] > 0:
+            m.keep_fraction.copy_((part[:-1] / part[-1]).to(m.keep_fraction.dtype))
 
 
 def pruning_rates(model: nn.Module) -> dict[str, float]:

@@ -18,6 +18,12 @@ data after training (eval mode, refined with T in effect, :func:`calibrate_globa
 rate then meets ξ on that data by construction and on similar data nearly so, which is why it is a
 named option and :class:`EvalThreshold` reports which policy set T. Head-wise gating keeps exactly
 C_in − k channels per head whatever the data: no threshold, no policy.
+
+**torch.distributed** (torchrun, DistributedDataParallel around the model): nothing changes in
+the loop. ``process_group`` (default: the default group when initialised) makes every
+calibration of T use the saliencies of every rank (:mod:`.threshold`), so all ranks set the same
+T at the same steps; the k schedule depends only on ``step / total_steps``, and the ranks are
+checked once to agree on ``total_steps``, ``gating``, ``threshold_updates`` and ``window``.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+from graphsel import distributed as gd
 
 from .losses import angle_enlargement, saliency_lasso
 from .module import _require_dgc
@@ -77,11 +85,13 @@ class DGCTraining:
     ``threshold_updates`` times over training from the last ``window`` iterations' saliencies —
     every ``max(window, total_steps // threshold_updates)`` iterations — at the scheduled ξ).
     ``lasso``: λ_s of the saliency lasso (1e-5); ``angle``: λ_a of the angle enlargement (default
-    1e-4 with the global threshold, 0 head-wise, as the paper uses it).
+    1e-4 with the global threshold, 0 head-wise, as the paper uses it). ``process_group``: see the
+    module docstring.
     """
 
     def __init__(self, model: nn.Module, total_steps: int, *, gating: str = "head", threshold_updates: int = 25,
-                 window: int = 10, lasso: float = 1e-5, angle: float | None = None, signed: bool = True):
+                 window: int = 10, lasso: float = 1e-5, angle: float | None = None, signed: bool = True,
+                 process_group=None):
         if gating not in GATINGS:
             raise ValueError(f"DGCTraining: gating must be one of {', '.join(map(repr, GATINGS))}, got {gating!r}")
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
@@ -89,6 +99,12 @@ class DGCTraining:
         if isinstance(threshold_updates, bool) or not isinstance(threshold_updates, int) or threshold_updates < 1:
             raise ValueError(f"DGCTraining: threshold_updates must be a positive int, got {threshold_updates!r}")
         self.modules = _require_dgc(model, "DGCTraining")
+        self.process_group = gd.resolve_group(process_group)
+        # calibrations are collectives: every rank must run them at the same steps
+        gd.same_on_all_ranks((total_steps, gating, threshold_updates, window), self.process_group,
+                             what="DGCTraining", name="(total_steps, gating, threshold_updates, window)",
+                             fix="give every rank the same number of training steps (a DistributedSampler with "
+                                 "drop_last=True gives every rank the same number of batches) and the same options")
         self.model, self.total_steps, self.gating = model, total_steps, gating
         self.lasso = float(lasso)
         self.angle = float(angle) if angle is not None else (1e-4 if gating == "global" else 0.0)
@@ -118,7 +134,8 @@ class DGCTraining:
         if self.library is None or done % self.update_every or done >= self.total_steps:
             return None
         ratio = _default_ratio(self.modules)           # the scheduled ξ that calibration uses
-        t = calibrate_global_threshold(self.model, library=self.library, signed=self.signed)
+        t = calibrate_global_threshold(self.model, library=self.library, signed=self.signed,
+                                       process_group=self.process_group)
         self.library.clear()
         update = ThresholdUpdate(done, t, ratio)
         self.history.append(update)
@@ -159,6 +176,6 @@ class DGCTraining:
             data = [data]
         batches = list(data if max_batches is None else itertools.islice(data, max_batches))
         report.threshold = calibrate_global_threshold(self.model, batches, ratio=ratio, refine=refine,
-                                                      signed=self.signed)
+                                                      signed=self.signed, process_group=self.process_group)
         report.recalibration_batches = len(batches)
         return report

@@ -15,6 +15,11 @@ sees the whole kernel). Closed slots have E_i = 0.
   last open slot of a layer is never closed.
 * :func:`realloc` (layers with K > 0) re-opens every closed slot as a shifted copy of one of the
   K best open slots (score ``‖n[:, i]‖₂``), with zeroed conv columns: exactly function-preserving.
+
+Under torch.distributed (``process_group``, default: the default group when initialised; see
+:mod:`graphsel.distributed`) the decisions are rank 0's, broadcast: the slots dealloc closes, and
+realloc's random sources and shifts, drawn from rank 0's generator. Every rank then applies the
+same edits to its (identical) replica.
 """
 from __future__ import annotations
 
@@ -23,7 +28,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from graphsel import distributed as gd
 from graphsel.analysis.activations import relu_gaussian_mean
+from graphsel.errors import DistributedError
 
 from .module import SelectiveConv2d, selective_modules
 
@@ -101,6 +108,13 @@ def _targets(model_or_module: nn.Module) -> list[tuple[str, SelectiveConv2d]]:
     return found
 
 
+def _check_full(module: SelectiveConv2d, what: str, path: str) -> None:
+    if gd.is_sharded(module.conv.weight) or gd.is_sharded(module.shift):
+        raise DistributedError(f"{what} of '{path}': the layer's parameters are sharded (FSDP2 fully_shard); "
+                               f"rewiring edits whole weight columns. Rewire the model before sharding it, or "
+                               f"train it with DistributedDataParallel", collective=what)
+
+
 def _ensure_bias(conv: nn.Conv2d) -> None:
     if conv.bias is None:
         w = conv.weight
@@ -109,9 +123,12 @@ def _ensure_bias(conv: nn.Conv2d) -> None:
 
 @torch.no_grad()
 def dealloc_layer(module: SelectiveConv2d, *, compensate: bool = False, gamma: float | None = None,
-                  path: str = "") -> DeallocReport:
-    """dealloc on one layer (see the module docstring)."""
+                  path: str = "", process_group=None) -> DeallocReport:
+    """dealloc on one layer (see the module docstring); under torch.distributed the slots closed
+    are rank 0's choice."""
     _check_module(module)
+    _check_full(module, "dealloc", path)
+    group = gd.resolve_group(process_group)
     gamma = module.gamma if gamma is None else float(gamma)
     if not gamma > 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
@@ -125,9 +142,13 @@ def dealloc_layer(module: SelectiveConv2d, *, compensate: bool = False, gamma: f
     count = int((accumulated <= gamma).sum())  # accumulated damage only grows: a prefix
     count = min(count, max(n_open - 1, 0))
     closed = order[:count]
+    damage = float(accumulated[count - 1]) if count else 0.0
+    if group is not None:
+        chosen, damage = gd.broadcast_object((closed.tolist(), damage), group, what=f"dealloc of '{path}'")
+        closed = torch.tensor(chosen, dtype=torch.long, device=order.device)
+        count = len(chosen)
     change = full[:, closed].sum(dim=1)
     bound = full[:, closed].abs().sum(dim=1)
-    damage = float(accumulated[count - 1]) if count else 0.0
     if count:
         if compensate:
             _ensure_bias(module.conv)
@@ -142,18 +163,47 @@ def dealloc_layer(module: SelectiveConv2d, *, compensate: bool = False, gamma: f
 
 @torch.no_grad()
 def realloc_layer(module: SelectiveConv2d, *, generator: torch.Generator | None = None,
-                  path: str = "") -> ReallocReport:
-    """realloc on one layer (see the module docstring); a no-op for K = 0."""
+                  path: str = "", process_group=None) -> ReallocReport:
+    """realloc on one layer (see the module docstring); a no-op for K = 0. Under torch.distributed
+    the sources and shifts are drawn on rank 0 (from its ``generator``) and broadcast."""
     _check_module(module)
-    report = ReallocReport(path)
+    _check_full(module, "realloc", path)
+    group = gd.resolve_group(process_group)
+    plan = _realloc_plan(module, generator) if gd.rank(group) == 0 else None
+    plan = gd.broadcast_object(plan, group, what=f"realloc of '{path}'")
+    report = ReallocReport(path, left_closed=plan["left_closed"])
+    if not plan["copies"]:
+        return report
+    bn, conv = module.bn, module.conv
+    for slot, r, pick, draw in plan["copies"]:
+        conv.weight[:, slot] = 0
+        if bn.weight is not None:
+            bn.weight[slot] = bn.weight[pick]
+        if bn.bias is not None:
+            bn.bias[slot] = bn.bias[pick]
+        if bn.running_mean is not None:
+            bn.running_mean[slot] = bn.running_mean[pick]
+            bn.running_var[slot] = bn.running_var[pick]
+        module.shift[slot] = torch.tensor(draw, dtype=torch.float64).to(module.shift.dtype).to(module.shift.device)
+        module.source[slot] = r
+        module.is_open[slot] = 1
+        report.reallocated.append((slot, r, pick))
+    module.sync()
+    return report
+
+
+def _realloc_plan(module: SelectiveConv2d, generator: torch.Generator | None) -> dict:
+    """realloc's choices, without changing the module: ``copies`` (slot, source channel, copied slot,
+    shift) per re-opened slot and the slots ``left_closed`` (every candidate at ``n_max`` copies)."""
+    plan = {"copies": [], "left_closed": []}
     closed = module.closed_slots()
     if module.K <= 0 or not closed:
-        return report
+        return plan
     score = normalized_ecdm(module).norm(dim=0)
     open_slots = module.open_slots()
     if not open_slots:
-        report.left_closed = closed
-        return report
+        plan["left_closed"] = closed
+        return plan
     source = module.source
 
     def root(slot: int) -> int:
@@ -165,44 +215,35 @@ def realloc_layer(module: SelectiveConv2d, *, generator: torch.Generator | None 
         if int(source[s]) >= 0:
             copies[root(s)] = copies.get(root(s), 0) + 1
     ranked = sorted(open_slots, key=lambda s: (-float(score[s]), s))
-    bn, conv = module.bn, module.conv
     for slot in closed:
         eligible = [s for s in ranked if module.n_max is None or copies.get(root(s), 0) < module.n_max]
         candidates = eligible[:module.K]
         if not candidates:
-            report.left_closed.append(slot)
+            plan["left_closed"].append(slot)
             continue
         pick = candidates[int(torch.randint(len(candidates), (1,), generator=generator))]
         r = root(pick)
-        conv.weight[:, slot] = 0
-        if bn.weight is not None:
-            bn.weight[slot] = bn.weight[pick]
-        if bn.bias is not None:
-            bn.bias[slot] = bn.bias[pick]
-        if bn.running_mean is not None:
-            bn.running_mean[slot] = bn.running_mean[pick]
-            bn.running_var[slot] = bn.running_var[pick]
         draw = torch.rand(2, generator=generator, dtype=torch.float64) * (2 * SHIFT_INIT_RANGE) - SHIFT_INIT_RANGE
-        module.shift[slot] = draw.to(module.shift.dtype).to(module.shift.device)
-        module.source[slot] = r
-        module.is_open[slot] = 1
         copies[r] = copies.get(r, 0) + 1
-        report.reallocated.append((slot, r, pick))
-    module.sync()
-    return report
+        plan["copies"].append((slot, r, pick, draw.tolist()))
+    return plan
 
 
-def dealloc(model_or_module: nn.Module, compensate: bool = False, *, gamma: float | None = None):
+def dealloc(model_or_module: nn.Module, compensate: bool = False, *, gamma: float | None = None,
+            process_group=None):
     """Run dealloc on a :class:`SelectiveConv2d` (returns its :class:`DeallocReport`) or on every one in a
-    model (returns ``{path: DeallocReport}``). ``gamma`` overrides each layer's own threshold."""
+    model (returns ``{path: DeallocReport}``). ``gamma`` overrides each layer's own threshold;
+    ``process_group``: see the module docstring."""
     targets = _targets(model_or_module)
-    reports = {p: dealloc_layer(m, compensate=compensate, gamma=gamma, path=p) for p, m in targets}
+    reports = {p: dealloc_layer(m, compensate=compensate, gamma=gamma, path=p, process_group=process_group)
+               for p, m in targets}
     return reports[""] if isinstance(model_or_module, SelectiveConv2d) else reports
 
 
-def realloc(model_or_module: nn.Module, *, generator: torch.Generator | None = None):
+def realloc(model_or_module: nn.Module, *, generator: torch.Generator | None = None, process_group=None):
     """Run realloc on a :class:`SelectiveConv2d` (returns its :class:`ReallocReport`) or on every one in a
-    model (returns ``{path: ReallocReport}``). Exactly function-preserving."""
+    model (returns ``{path: ReallocReport}``). Exactly function-preserving. ``process_group``: see the
+    module docstring."""
     targets = _targets(model_or_module)
-    reports = {p: realloc_layer(m, generator=generator, path=p) for p, m in targets}
+    reports = {p: realloc_layer(m, generator=generator, path=p, process_group=process_group) for p, m in targets}
     return reports[""] if isinstance(model_or_module, SelectiveConv2d) else reports

@@ -25,6 +25,12 @@ Under ``torch.compile`` Dynamo guards on those caches, so a state change (once p
 first half of training) recompiles the frame instead of running a stale graph (checked with the
 eager, aot_eager and inductor backends).
 
+Under torch.distributed the training forward also reads ``shift`` when no slot is a copy
+(the conv weight is multiplied by ``1 + 0·Σ shift``: the same values, a zero gradient), so that
+DistributedDataParallel's default ``find_unused_parameters=False`` finds a gradient for every
+parameter at every step. Single-process and eval forwards are unchanged: there ``shift.grad``
+stays None while nothing reads the shifts.
+
 Options kept on the module: ``K`` (re-allocation fan-in: 3 for 1×1 convs, 0 otherwise by
 default; 0 means prune only), ``gamma`` (dealloc threshold, > 0) and ``n_max`` (cap on the copies
 of one channel, None for no cap). ``origin`` remembers the module paths the chain had in the
@@ -39,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from graphsel import distributed as gd
 from graphsel.ir.tracing import register_leaf_module
 from graphsel.ops import OpSpec, register_op
 
@@ -162,12 +169,21 @@ class SelectiveConv2d(nn.Module):
         h = F.relu(self.bn(x), inplace=True)  # the BN output is a fresh tensor read only here
         if self.dropout is not None:
             h = self.dropout(h)
-        if not self._any_closed:
+        anchor = self._replica_slots is None and self.training and self.shift.requires_grad and \
+            torch.is_grad_enabled() and gd.initialized()
+        if not self._any_closed and not anchor:
             return self.conv(h)
-        gate = self.is_open.to(h.dtype)
         if self._plain_conv:  # conv(h ⊙ gate) = conv(h; W ⊙ gate): mask the (small) weight, not h
-            return self.conv._conv_forward(h, self.conv.weight * gate.view(1, -1, 1, 1), self.conv.bias)
-        return self.conv(h * gate.view(1, -1, 1, 1))
+            weight = self.conv.weight
+            if self._any_closed:
+                weight = weight * self.is_open.to(h.dtype).view(1, -1, 1, 1)
+            if anchor:
+                weight = weight * (1 + 0 * self.shift.sum())
+            return self.conv._conv_forward(h, weight, self.conv.bias)
+        if self._any_closed:
+            h = h * self.is_open.to(h.dtype).view(1, -1, 1, 1)
+        y = self.conv(h)
+        return y * (1 + 0 * self.shift.sum()) if anchor else y
 
     # -- state dict -----------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

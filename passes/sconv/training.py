@@ -13,6 +13,15 @@ for the first half of the epochs. Passing the optimizer lets the schedule reset 
 state (momentum, Adam moments) for the slots it re-initialises, so a re-allocated slot starts
 from its zeroed weights instead of being pushed by the old slot's momentum, and register a bias
 created by mean compensation.
+
+Under torch.distributed (torchrun, DistributedDataParallel) nothing changes in this loop: the
+schedule uses the default process group (``process_group=`` picks another), and dealloc's choices
+and realloc's random sources and shifts are rank 0's, broadcast, so every replica is rewired the
+same way whatever ``seed``. Build the schedule on the module (``ddp.module``) and call
+:meth:`~SelectiveSchedule.on_epoch_end` on every rank. With ``compensate=True`` or
+``train_shifts=False`` build it before wrapping the model in DDP (DDP fixes at construction which
+parameters it averages: the biases must exist, the frozen shifts must be frozen), or re-wrap
+afterwards with :func:`graphsel.distributed.rewrap`; given the DDP wrapper itself, it refuses.
 """
 from __future__ import annotations
 
@@ -20,6 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+
+from graphsel.errors import DistributedError
 
 from .ecdm import DeallocReport, ReallocReport, _ensure_bias, dealloc_layer, realloc_layer
 from .module import SelectiveConv2d, selective_modules
@@ -59,6 +70,18 @@ def _register_new_bias(optimizer: torch.optim.Optimizer, module: SelectiveConv2d
     group = next((g for g in optimizer.param_groups if any(module.conv.weight is p for p in g["params"])),
                  optimizer.param_groups[0])
     optimizer.add_param_group({k: v for k, v in group.items() if k != "params"} | {"params": [bias]})
+
+
+def _refuse_under_ddp(model: nn.Module, change: str) -> None:
+    """DDP fixes at construction which parameters it averages: a change to them inside a wrapper
+    built before would leave gradients unaveraged (or DDP waiting for them)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise DistributedError(
+            f"SelectiveSchedule: {change} inside a DistributedDataParallel wrapper that was built before: DDP "
+            f"fixes at construction which parameters it averages, so the replicas would drift apart (or DDP "
+            f"would wait for gradients that never come). Build the schedule before wrapping the model in DDP, or "
+            f"build it on ddp.module and then ddp = graphsel.distributed.rewrap(ddp, optimizer, rebuild=True).model "
+            f"on every rank", collective="SelectiveSchedule")
 
 
 @dataclass
@@ -115,11 +138,13 @@ class SelectiveSchedule:
     ablation; closed slots stay closed). ``train_shifts=False``: the shifts are frozen (their
     ``requires_grad`` is switched off now; an optimizer skips parameters without gradients, so it
     may be built before or after). ``history``: one :class:`EpochRecord` per active epoch;
-    ``totals[path]``: slots ever deallocated / reallocated / recycled per layer."""
+    ``totals[path]``: slots ever deallocated / reallocated / recycled per layer. ``process_group``:
+    the torch.distributed group whose rank 0 decides (default: the default group when initialised;
+    see the module docstring)."""
 
     def __init__(self, model: nn.Module, epochs: int, *, fraction: float = 0.5, compensate: bool = False,
                  optimizer: torch.optim.Optimizer | None = None, seed: int | None = 0, realloc: bool = True,
-                 train_shifts: bool = True):
+                 train_shifts: bool = True, process_group=None):
         if not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {epochs!r}")
         if not 0 <= fraction <= 1:
@@ -130,15 +155,22 @@ class SelectiveSchedule:
                              f"graphsel.transform(model, ['insert_selective_conv']) first")
         self.model, self.epochs, self.fraction = model, epochs, fraction
         self.compensate, self.optimizer = compensate, optimizer
+        self.process_group = process_group
         self.realloc, self.train_shifts = bool(realloc), bool(train_shifts)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.history: list[EpochRecord] = []
         self.totals: dict[str, dict[str, int]] = {p: {"deallocated": 0, "reallocated": 0, "recycled": 0}
                                                   for p, _ in self.layers}
         if not self.train_shifts:
+            if any(m.shift.requires_grad for _, m in self.layers):
+                _refuse_under_ddp(model, "train_shifts=False stops the shifts' gradients")
             for _, m in self.layers:
                 m.shift.requires_grad_(False)
         if compensate:
+            missing = [path for path, m in self.layers if m.conv.bias is None]
+            if missing:
+                _refuse_under_ddp(model, f"compensate=True gives {len(missing)} convolution(s) a new bias "
+                                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
             for _, m in self.layers:
                 _ensure_bias(m.conv)
                 if optimizer is not None:
@@ -160,8 +192,10 @@ class SelectiveSchedule:
         record = EpochRecord(epoch)
         for path, m in self.layers:
             copies_before = set(torch.nonzero((m.is_open > 0) & (m.source >= 0)).flatten().tolist())
-            d: DeallocReport = dealloc_layer(m, compensate=self.compensate, path=path)
-            r = realloc_layer(m, generator=self.generator, path=path) if self.realloc else ReallocReport(path)
+            d: DeallocReport = dealloc_layer(m, compensate=self.compensate, path=path,
+                                             process_group=self.process_group)
+            r = realloc_layer(m, generator=self.generator, path=path, process_group=self.process_group) \
+                if self.realloc else ReallocReport(path)
             if self.optimizer is not None:
                 reset_optimizer_slots(self.optimizer, m, [slot for slot, _, _ in r.reallocated])
             recycled = len(copies_before.intersection(d.closed))

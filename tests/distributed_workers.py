@@ -1,0 +1,211 @@
+"""Real multi-process runs for ``tests/test_distributed.py`` (not a test module).
+
+:func:`launch` starts ``world`` processes with the spawn start method. Each joins a gloo group on
+loopback through a FileStore in its own folder (no port to pick) with a short timeout, runs one
+*scenario* of this module and saves what it returns (tensors, numbers, strings, lists, dicts) to
+``rank{r}.pt``; a rank that raises writes its traceback to ``rank{r}.err``. The parent waits until
+a deadline, kills whatever still runs, and fails naming the ranks that hung or failed: nothing
+here can hang a test run.
+
+The data and models are built by the same functions in the workers and in the parent (whose
+single-process references run with torch.distributed not initialised).
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import multiprocessing as mp
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def launch(scenario: str, folder: Path, world: int = 2, *, deadline_s: float = 150.0, pg_timeout_s: float = 30.0,
+           **kwargs: Any) -> list[Any]:
+    """Run ``scenario(rank, world, **kwargs)`` on ``world`` processes; returns each rank's result."""
+    folder = Path(folder) / scenario
+    folder.mkdir(parents=True)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_main, args=(scenario, r, world, str(folder), pg_timeout_s, kwargs), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    end = time.monotonic() + deadline_s
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(10)
+    errors = {r: (folder / f"rank{r}.err").read_text() for r in range(world) if (folder / f"rank{r}.err").exists()}
+    missing = [r for r in range(world) if r not in hung and r not in errors and not (folder / f"rank{r}.pt").exists()]
+    if hung or errors or missing:
+        lines = [f"scenario {scenario!r} on {world} processes:"]
+        if hung:
+            lines.append(f"ranks {hung} still ran after {deadline_s:.0f} s and were killed")
+        if missing:
+            lines.append(f"ranks {missing} exited (codes {[procs[r].exitcode for r in missing]}) without a result")
+        lines += [f"--- rank {r} raised:\n{text}" for r, text in sorted(errors.items())]
+        raise AssertionError("\n".join(lines))
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def _main(scenario: str, rank: int, world: int, folder: str, pg_timeout_s: float, kwargs: dict) -> None:
+    import torch.distributed as dist
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=pg_timeout_s))
+        result = globals()[scenario](rank, world, **kwargs)
+        torch.save(result, Path(folder) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(folder) / f"rank{rank}.err").write_text(traceback.format_exc())
+        os._exit(1)          # no teardown: the other ranks may be stuck in a collective
+    dist.destroy_process_group()
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers (every one, persistent or not), detached copies."""
+    module = getattr(model, "module", model)
+    out = {f"param:{n}": p.detach().clone() for n, p in module.named_parameters()}
+    out |= {f"buffer:{n}": b.detach().clone() for n, b in module.named_buffers()}
+    return out
+
+
+def ce_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def sync_buffers(ddp: nn.Module, x: torch.Tensor) -> None:
+    """An eval forward through DDP: it broadcasts rank 0's buffers (BatchNorm statistics) first."""
+    ddp.eval()
+    with torch.no_grad():
+        ddp(x)
+    ddp.train()
+
+
+def labelled(seed: int, batches: int, n: int, shape: tuple[int, ...], classes: int = 4) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g))
+            for _ in range(batches)]
+
+
+def concatenated(per_rank: list[list]) -> list:
+    """Batch i of the single process: batch i of every rank, concatenated in rank order."""
+    return [(torch.cat([b[i][0] for b in per_rank]), torch.cat([b[i][1] for b in per_rank]))
+            for i in range(len(per_rank[0]))]
+
+
+# -- SConv ---------------------------------------------------------------------------------------
+
+def sconv_model() -> torch.fx.GraphModule:
+    import graphsel
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 12, 1),
+                        nn.BatchNorm2d(12), nn.ReLU(), nn.Conv2d(12, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 4))
+    return graphsel.transform(net, [("insert_selective_conv", {"gamma": 0.2})], torch.randn(2, 3, 6, 6),
+                              progress=False)
+
+
+def sconv(rank: int, world: int) -> dict:
+    """DDP with its defaults and a schedule without seed, then module-level dealloc / realloc
+    (global generator), each rank seeded differently: every decision must still be rank 0's."""
+    from graphsel.distributed import assert_replicas_equal, local
+    from graphsel.passes import selective_conv as sc
+    gm = sconv_model()
+    torch.manual_seed(100 + rank)                 # rank-dependent global RNG: realloc's default generator
+    opt = torch.optim.SGD(sc.param_groups(gm), lr=0.1, momentum=0.9)
+    schedule = sc.SelectiveSchedule(gm, 4, optimizer=opt, seed=None)
+    ddp = nn.parallel.DistributedDataParallel(gm)
+    data = labelled(10 + rank, 3, 4, (3, 6, 6))
+    losses, records = [], []
+    for epoch in range(3):
+        for x, y in data:
+            losses.append(ce_step(ddp, opt, x, y))
+        rec = schedule.on_epoch_end(epoch)
+        records.append(None if rec is None else [(a.path, a.deallocated, a.reallocated, a.copies) for a in rec.layers])
+    closed = {p: r.closed for p, r in sc.dealloc(ddp.module, gamma=0.5).items()}
+    alone = copy.deepcopy(gm)
+    with local():                                 # the control: each rank's own draws
+        alone_shifts = {p: m.shift[r.reallocated[0][0]].tolist() for (p, r), (_, m)
+                        in zip(sc.realloc(alone).items(), sc.selective_modules(alone)) if r.reallocated}
+    copies = {p: r.reallocated for p, r in sc.realloc(ddp.module).items()}
+    for x, y in data:
+        losses.append(ce_step(ddp, opt, x, y))
+    assert_replicas_equal(ddp)                    # parameters (DDP syncs buffers at its next forward)
+    sync_buffers(ddp, data[0][0])
+    assert_replicas_equal(gm)                     # and buffers
+    return {"state": state(gm), "records": records, "closed": closed, "copies": copies, "losses": losses,
+            "alone_shifts": alone_shifts,
+            "allocation": [(a.path, a.own, a.copies, a.closed) for a in sc.allocation(gm)]}
+
+
+# -- DGC -----------------------------------------------------------------------------------------
+
+def dgc_model() -> torch.fx.GraphModule:
+    """A DGC ResNet-8 whose saliency generators are random (saliencies spread out, not ≡ 1)."""
+    import graphsel
+    from graphsel.passes import dynamic_group_conv as dgc
+    from graphsel.tools.models import resnet_cifar
+    torch.manual_seed(0)
+    model = graphsel.transform(resnet_cifar(8, shortcut="B", in_channels=1), [("dynamic_group_conv", {"ratio": 0.5})],
+                               torch.randn(2, 1, 8, 8), progress=False)
+    gen = torch.Generator().manual_seed(0)
+    for _, m in dgc.dgc_modules(model):
+        with torch.no_grad():
+            m.saliency.fc2_weight.copy_(torch.randn(m.saliency.fc2_weight.shape, generator=gen))
+            m.saliency.fc2_bias.copy_(torch.randn(m.saliency.fc2_bias.shape, generator=gen) * 0.5 + 0.5)
+    return model.eval()
+
+
+def dgc_calibration(model: nn.Module, batches: list) -> dict:
+    """The global threshold from data and from a library, the kept fractions, the library's rates."""
+    from graphsel.passes import dynamic_group_conv as dgc
+    t_data = dgc.calibrate_global_threshold(model, batches, ratio=0.5, refine=2)
+    keep = {p: m.keep_fraction.clone() for p, m in dgc.dgc_modules(model)}
+    with torch.no_grad(), dgc.SaliencyLibrary(model, window=len(batches)) as lib:
+        for x in batches:
+            model(x)
+    t_lib = dgc.calibrate_global_threshold(model, library=lib, ratio=0.4)
+    return {"t_data": t_data, "keep": keep, "t_lib": t_lib, "rates": lib.pruning_rates(t_lib)}
+
+
+def dgc_data(rank: int) -> list:
+    g = torch.Generator().manual_seed(20 + rank)
+    return [torch.randn(3 + rank, 1, 8, 8, generator=g) for _ in range(2)]    # ranks hold different counts
+
+
+def dgc_(rank: int, world: int) -> dict:
+    """Calibration on each rank's data; then DGCTraining (global threshold) inside DDP."""
+    from graphsel.distributed import assert_replicas_equal
+    from graphsel.passes import dynamic_group_conv as dgc
+    out = dgc_calibration(dgc_model(), dgc_data(rank))
+    model = dgc_model().train()
+    trainer = dgc.DGCTraining(model, 6, gating="global", threshold_updates=3, window=2)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    for step, (x, y) in enumerate(labelled(30 + rank, 6, 4, (1, 8, 8), classes=10)):
+        trainer.before_step(step)
+        loss = F.cross_entropy(ddp(x), y) + trainer.regularizer()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        trainer.after_step(step)
+    report = trainer.finish()
+    assert_replicas_equal(ddp)
+    sync_buffers(ddp, x)
+    assert_replicas_equal(model)
+    return out | {"state": state(model), "history": [(u.step, u.threshold, u.ratio) for u in report.history]}

@@ -1,0 +1,110 @@
+"""graphsel on torch.distributed, with real processes (``tests/distributed_workers.py``: spawn, gloo on
+loopback, a FileStore, 30 s collective timeouts and a deadline on every launch, so nothing hangs).
+
+For each method, two ranks with different data run the training helpers through rewiring steps,
+inside DistributedDataParallel with its default settings where there is training; afterwards the
+ranks hold bit-identical parameters, buffers and rewiring state, and where the method is
+deterministic the two ranks equal one process on the concatenated data. A rank that dies or a
+collective that times out ends with a DistributedError naming the collective and the rank.
+
+The parent process never initialises torch.distributed: its single-process references run the
+ordinary, unchanged code path.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from graphsel import distributed as gd
+from graphsel.errors import DistributedError, GraphselError
+from graphsel.passes import selective_conv as sc
+import distributed_workers as W
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with the gloo backend is not available")
+
+
+def same_state(a: dict, b: dict) -> list[str]:
+    """Names whose tensors differ (bit for bit) between two ``W.state`` results."""
+    assert a.keys() == b.keys()
+    return [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+
+
+# -- one process ---------------------------------------------------------------------------------
+
+def test_without_an_initialised_group_every_collective_is_the_identity():
+    assert not gd.initialized() and gd.resolve_group() is None
+    assert gd.rank(None) == 0 and gd.world_size(None) == 1
+    t = torch.arange(5.0)
+    assert gd.all_reduce_sum(t, None, what="x") is t and gd.all_gather_rows(t, None, what="x") is t
+    assert gd.broadcast_object({"a": 1}, None, what="x") == {"a": 1} and gd.all_gather_object(3, None, what="x") == [3]
+    assert gd.sum_over([1, 2.5], None, what="x") == [1.0, 2.5]
+    gd.assert_replicas_equal(torch.nn.Linear(2, 2))           # nothing to compare with
+    with pytest.raises(DistributedError, match="not initialised"):
+        gd.resolve_group(object())
+
+
+def test_order_statistics_are_the_sorted_values():
+    v = torch.rand(1000).abs()
+    v[::7] = 0.0
+    v[3] = float("nan")
+    ranks = [0, 1, 499, 998, 999]
+    expected = torch.sort(v).values[ranks].tolist()
+    got = gd.order_statistics(v, ranks, None, what="x")
+    assert got[:4] == expected[:4] and got[4] != got[4]         # NaN sorts last, as in torch.sort
+    with pytest.raises(ValueError, match="non-negative"):
+        gd.order_statistics(-v[1:3], [0], None, what="x")
+
+
+def test_a_failed_collective_names_what_and_why():
+    err = gd._error("dealloc of 'layer1'", "all_reduce", None, RuntimeError(
+        "[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:8878: Connection reset by peer."))
+    assert isinstance(err, GraphselError) and isinstance(err, RuntimeError)
+    assert (err.collective, err.rank, err.world_size) == ("all_reduce", 0, 1)
+    assert "dealloc of 'layer1': all_reduce failed on rank 0 of 1: a peer closed its connection" in str(err)
+    late = gd._error("x", "broadcast", None, RuntimeError("Timed out waiting 3000ms for recv operation to complete"))
+    assert "did not answer within the process group's timeout" in str(late) and "init_process_group(timeout" in str(late)
+
+
+def test_sconv_single_process_forward_leaves_unused_shifts_without_gradient():
+    """The DDP anchor is for torch.distributed only: one process keeps shift.grad None while no slot
+    is a copy (optimizers with per-parameter step counts see no change)."""
+    gm = W.sconv_model().train()
+    torch.nn.functional.cross_entropy(gm(torch.randn(4, 3, 6, 6)), torch.tensor([0, 1, 2, 3])).backward()
+    shifts = [m.shift for _, m in sc.selective_modules(gm)]
+    assert shifts and all(s.grad is None for s in shifts)
+
+
+# -- SConv ---------------------------------------------------------------------------------------
+
+def test_sconv_ranks_rewire_identically_under_ddp_defaults(tmp_path):
+    """DDP with find_unused_parameters=False trains through epochs without copies (every shift
+    takes part) and through the schedule's dealloc/realloc with seed=None and module-level
+    realloc(gm) with the global generator, each rank seeded differently: rank 0 decides."""
+    a, b = W.launch("sconv", tmp_path)
+    assert a["losses"] != b["losses"]                               # the ranks saw different data
+    assert same_state(a["state"], b["state"]) == []                 # parameters, buffers, slots, shifts
+    assert a["records"] == b["records"] and a["closed"] == b["closed"] and a["copies"] == b["copies"]
+    assert a["allocation"] == b["allocation"]
+    assert sum(layer[2] for rec in a["records"] if rec for layer in rec) > 0     # the schedule re-allocated
+    assert any(a["copies"].values())
+    assert a["alone_shifts"] != b["alone_shifts"]                   # the control: each rank's own draws differ
+
+
+# -- DGC -----------------------------------------------------------------------------------------
+
+def test_dgc_global_threshold_is_the_union_threshold_on_every_rank(tmp_path):
+    """Calibrated from data or from a library on two ranks with different data (and batch sizes):
+    the same T on both, bit for bit the single-process T of the union; then DGCTraining's
+    calibrations inside DDP keep the replicas identical."""
+    a, b = W.launch("dgc_", tmp_path)
+    union = W.dgc_calibration(W.dgc_model(), W.dgc_data(0) + W.dgc_data(1))
+    alone = W.dgc_calibration(W.dgc_model(), W.dgc_data(0))
+    for key in ("t_data", "t_lib", "rates"):
+        assert a[key] == b[key] == union[key], key
+    assert a["t_data"] != alone["t_data"] and a["t_lib"] != alone["t_lib"]   # rank 0's own data gives another T
+    assert all(torch.equal(a["keep"][p], union["keep"][p]) and torch.equal(b["keep"][p], union["keep"][p])
+               for p in union["keep"])
+    assert len(a["history"]) == 2 and a["history"] == b["history"]
+    assert same_state(a["state"], b["state"]) == []
