@@ -25,6 +25,8 @@ from graphsel.pipeline.phases import transform
 from graphsel.pipeline.report import report
 from graphsel import passes  # noqa: F401 - registers the built-in passes
 from graphsel.tools.export import ExportError, ExportResult, export
+from graphsel.tools.runtimes import RuntimeTable, benchmark_runtimes
+from graphsel.analysis.latency import LatencyTable, RuntimeUnavailable
 from graphsel.tools.checkpoint import CheckpointError
 from graphsel.tools.zoo import ModelSpecError, UntrustedFileError, load_model, save
 
@@ -40,7 +42,8 @@ __all__ = [
     "analyze_channels", "ChannelAnalysis", "ChannelGroup", "ChannelMasks", "add_group_mask",
     "add_consumer_mask", "get_masks", "clear_masks", "oracle_forward", "cost", "CostReport",
     # deploy
-    "export", "ExportResult", "load_model", "save",
+    "export", "ExportResult", "load_model", "save", "benchmark_runtimes", "RuntimeTable", "LatencyTable",
+    "RuntimeUnavailable",
     # errors and metadata
     "GraphselError", "TraceError", "PassError", "FunctionChangedError", "MaskError", "ExampleInputError",
     "ExportError", "ModelSpecError", "UntrustedFileError", "CheckpointError", "GraphselMeta", "graphsel_meta", "__version__",

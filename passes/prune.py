@@ -27,7 +27,18 @@ group produced by that module uses its own ratio) or ``target_macs`` (an absolut
 fraction < 1 of the current MACs: the global ratio is found by bisection on the estimated cost).
 ``scope="global"`` ranks normalised scores across groups; ``"uniform"`` removes the same
 fraction of every group. ``round_to=k`` keeps every pruned group at a multiple of k channels
-(the fast sizes for CPU and GPU kernels). Module selection as in every pass
+(the fast sizes for CPU and GPU kernels).
+
+Latency (``target_latency``, with ``runtime``): instead of a ratio, a latency to reach on a
+deployment runtime: a fraction in (0, 1) of the dense model's latency measured there (0.5: twice
+as fast) or milliseconds as a string (``"12ms"``). ``runtime``: ``"eager"`` (default),
+``"inductor"``, ``"aoti"``, ``"onnxruntime"``, or a :class:`graphsel.analysis.latency.LatencyTable`
+(its runtime, threads, batch size and cache directory). The widths are chosen from per-layer latency
+tables measured on that runtime by importance lost per millisecond saved, the result is measured
+end to end and corrected toward the target (:mod:`graphsel.passes.prune_latency`); the statistics
+report target, estimate and measurement. Latencies are measured at the example inputs' shapes
+unless the table sets ``batch``. ``scope``, ``ratio``, ``ratios``, ``target_macs`` and
+``round_to`` do not apply. Module selection as in every pass
 (:class:`graphsel.pipeline.select.ModuleSelection`): ``include`` — only groups produced by a
 selected module are pruned; ``exclude`` — groups that an excluded module produces or reads stay
 intact.
@@ -213,6 +224,22 @@ class _InputRecorder(fx.Interpreter):
         return super().run_node(n)
 
 
+def _check_latency_options(target_latency, runtime, target_macs, ratios, round_to) -> None:
+    from graphsel.analysis.latency import LatencyTable, check_runtime_name
+
+    from .prune_latency import parse_target_latency
+
+    if target_latency is None:
+        raise ValueError("runtime= is the runtime of target_latency=; pass target_latency= too (e.g. 0.5 or '12ms')")
+    parse_target_latency(target_latency)
+    if runtime is not None and not isinstance(runtime, LatencyTable):
+        check_runtime_name(runtime)
+    clash = [n for n, v in (("target_macs", target_macs), ("ratios", ratios), ("round_to", round_to)) if v]
+    if clash:
+        raise ValueError(f"target_latency= chooses the widths itself: drop {', '.join(clash)} (latency-aware pruning "
+                         f"derives each group's granularity from the latency table)")
+
+
 def _round_kept(size: int, kept: int, round_to: int | None, min_keep: int) -> int:
     kept = max(min_keep, min(size, kept))
     if round_to and round_to > 1 and size > round_to:
@@ -231,7 +258,7 @@ class Prune(Pass):
     def __init__(self, ratio: float | None = 0.5, criterion: str | Callable = "l1", scope: str = "global",
                  round_to: int | None = None, target_macs: float | None = None,
                  ratios: dict[str, float] | None = None, include: Any = None, exclude: Any = None,
-                 min_channels: int = 1):
+                 min_channels: int = 1, target_latency: float | str | None = None, runtime: Any = None):
         if criterion not in CRITERIA and not callable(criterion):
             raise ValueError(f"unknown pruning criterion {criterion!r}; use one of {', '.join(CRITERIA)} "
                              f"or a callable f(group, analysis, gm) -> scores")
@@ -246,8 +273,11 @@ class Prune(Pass):
             raise ValueError(f"target_macs must be a positive MAC count or a fraction in (0, 1), got {target_macs!r}")
         if not isinstance(min_channels, int) or min_channels < 1:
             raise ValueError(f"min_channels must be >= 1, got {min_channels!r}")
+        if target_latency is not None or runtime is not None:
+            _check_latency_options(target_latency, runtime, target_macs, ratios, round_to)
         super().__init__(ratio=ratio, criterion=criterion, scope=scope, round_to=round_to, target_macs=target_macs,
-                         ratios=dict(ratios or {}), include=include, exclude=exclude, min_channels=min_channels)
+                         ratios=dict(ratios or {}), include=include, exclude=exclude, min_channels=min_channels,
+                         target_latency=target_latency, runtime=runtime)
         self.selection = ModuleSelection(include, exclude, owner="prune")
 
     # -- selection ------------------------------------------------------------------------
@@ -348,6 +378,13 @@ class Prune(Pass):
         scores = {g.index: scorer.scores(g) for g in groups}
         if scorer.fallbacks:
             diags.append(Diagnostic(f"{scorer.fallbacks} group(s) have no BatchNorm; scored by L1 instead", level="info"))
+        if self.target_latency is not None:
+            from .prune_latency import latency_aware_selection
+
+            selection, lstats, ldiags = latency_aware_selection(
+                self, gm, ctx, a, groups, scores, lambda sel: _spare_vanishing_tensors(a, groups, scores, sel))
+            diags.extend(ldiags)
+            return self._record(gm, a, selection, {"latency": lstats}, diags)
         ratio = self.ratio or 0.0
         est = None
         if self.target_macs is not None:
@@ -369,13 +406,17 @@ class Prune(Pass):
             else:
                 ratio, est = best
         selection = self._select(a, groups, scores, ratio)
+        extra = {"est_macs": int(est)} if est is not None else {}
+        return self._record(gm, a, selection, {"ratio": round(ratio, 4), **extra}, diags)
+
+    def _record(self, gm: fx.GraphModule, a: ChannelAnalysis, selection: dict[int, list[int]], stats: dict,
+                diags: list[Diagnostic]) -> PassResult:
+        """Record ``selection`` (group index -> classes) as group masks on ``gm``."""
         removed = {c for cs in selection.values() for c in cs}
         positions_of = removal_positions(a, removed)
         for src, positions in positions_of.items():
             add_group_mask(gm, src, positions)
         channels = sum(len(p) for p in positions_of.values())
-        stats = {"ratio": round(ratio, 4), "groups_pruned": len(selection), "classes_removed": len(removed),
+        stats = {**stats, "groups_pruned": len(selection), "classes_removed": len(removed),
                  "source_channels_removed": channels}
-        if est is not None:
-            stats["est_macs"] = int(est)
         return PassResult(gm, modified=False, stats=stats, diagnostics=diags)

@@ -9,6 +9,8 @@
     graphsel report PATH [--json] [--trust-pickle]    # pass history of a graphsel checkpoint
     graphsel passes                                   # registered passes, contracts, options
     graphsel cost MODEL [--input-shape ...] [--top N] [--weights PATH] [--trust-pickle]
+    graphsel bench-runtimes MODEL [--input-shape ...] [--runtimes eager,inductor,aoti,onnxruntime]
+                     [--threads N] [--repeats N] [--json]   # time MODEL in every runtime, name the fastest
 
 MODEL is ``torchvision:NAME``, ``timm:NAME``, ``graphsel:NAME``, ``package.module:factory`` or a
 saved model file (see :mod:`graphsel.tools.zoo`). Files are read as data: graphsel checkpoints
@@ -67,7 +69,7 @@ DEMO_EXPORT_FORMATS = ("pt2", "pickle")
 # runs after the main demo; its JSON-ready summary is stored under its ``__name__`` in report.json.
 DEMO_SECTIONS: tuple[Callable[[Path, Callable[[str], None]], dict], ...] = (selective_convolution,)
 
-CONVERT_FORMATS = ("pt2", "onnx", "torchscript", "pickle", "graphsel")
+CONVERT_FORMATS = ("pt2", "onnx", "torchscript", "pickle", "aoti", "graphsel")
 
 
 class UsageError(Exception):
@@ -327,6 +329,38 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench_runtimes(args: argparse.Namespace) -> int:
+    from graphsel.analysis.latency import RUNTIMES
+    from graphsel.ir.tracing import example_inputs_of, trace
+    from graphsel.tools.runtimes import benchmark_runtimes
+
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()] if args.runtimes else list(RUNTIMES)
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown or not runtimes:
+        raise UsageError(f"--runtimes: unknown runtime(s) {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{', '.join(RUNTIMES)}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be a positive integer, got {args.threads}")
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be a positive integer, got {args.repeats}")
+    inputs = make_inputs(args.input_shape)
+    with stage(f"loading {args.model}"):
+        model = _load(args).eval()
+    if inputs is None:                  # infer an image input (graphsel models carry theirs)
+        inputs = example_inputs_of(model) if graphsel_meta(model, create=False) is not None else None
+        if inputs is None:
+            with stage("tracing to infer the input shape"):
+                model = trace(model)
+            inputs = example_inputs_of(model)
+    table = benchmark_runtimes(model, inputs, runtimes=runtimes, threads=args.threads, repeats=args.repeats,
+                               warmup=args.warmup, progress=None)
+    if args.json:
+        _out(json.dumps(_json_ready(table.to_dict()), indent=2))
+    else:
+        _out(str(table))
+    return EXIT_OK if table.fastest else EXIT_FAILURE
+
+
 # ================================================================================================
 # parser and entry point
 
@@ -385,6 +419,23 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--json", action="store_true", help="print the totals as JSON")
     _file_options(co, weights=True)
     co.set_defaults(func=cmd_cost)
+
+    b = sub.add_parser("bench-runtimes", help="time MODEL in eager, inductor, AOTInductor and onnxruntime; name the "
+                                              "fastest",
+                       description="Times MODEL in every runtime that runs here (same process, same threads, "
+                                   "interleaved runs after a warm-up, medians); unavailable runtimes are reported "
+                                   "with the reason. MODEL may be a graphsel checkpoint of a slim model.")
+    b.add_argument("model", metavar="MODEL")
+    b.add_argument("--input-shape", action="append", metavar="SHAPE",
+                   help="example input shape, e.g. 1,3,224,224 (repeatable; default: inferred)")
+    b.add_argument("--runtimes", default=None, help="comma-separated subset of eager,inductor,aoti,onnxruntime "
+                                                    "(default: all)")
+    b.add_argument("--threads", type=int, default=None, help="intra-op threads for every runtime (default: torch's)")
+    b.add_argument("--repeats", type=int, default=30, help="timed runs per runtime (default 30)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    b.add_argument("--json", action="store_true", help="print the table as JSON")
+    _file_options(b, weights=True)
+    b.set_defaults(func=cmd_bench_runtimes)
     return p
 
 

@@ -5,6 +5,10 @@ Formats (``format=``):
 * ``"pt2"``: ``torch.export.export`` + ``torch.export.save``; load with ``torch.export.load(path).module()``.
 * ``"onnx"``: ``torch.onnx.export(..., dynamo=True)`` (the legacy TorchScript-based exporter is
   used, with a warning, when the dynamo exporter fails); checked against onnxruntime.
+* ``"aoti"``: an AOTInductor package (``torch.export`` + ``torch._inductor.aoti_compile_and_package``:
+  the model compiled to a shared library, the fastest torch runtime on many CPUs); load with
+  ``torch._inductor.aoti_load_package(path)``. Needs a C++ compiler when exporting (not in
+  ``FORMATS``: see ``COMPILED_FORMATS``).
 * ``"torchscript"``: ``torch.jit.script`` (``torch.jit.trace`` with a warning when scripting
   fails) + ``torch.jit.save``; load with ``torch.jit.load(path)``.
 * ``"pickle"``: ``torch.save`` of a plain ``torch.fx.GraphModule``; load with
@@ -51,18 +55,21 @@ from graphsel.errors import ExampleInputError, GraphselError
 from graphsel.pipeline.verify import flatten_outputs
 
 FORMATS = ("pt2", "onnx", "torchscript", "pickle")        # artefacts that load without graphsel
+COMPILED_FORMATS = ("aoti",)                               # ... and need a C++ compiler to write
 GRAPHSEL_FORMAT = "graphsel"                               # graphsel's checkpoint (graphsel.save)
 SUFFIXES = {"pt2": ".pt2", "onnx": ".onnx", "torchscript": ".torchscript.pt", "pickle": ".pt",
-            GRAPHSEL_FORMAT: ".graphsel"}
+            "aoti": ".aoti.pt2", GRAPHSEL_FORMAT: ".graphsel"}
 LOADERS = {
     "pt2": "torch.export.load(path).module()",
     "onnx": "onnxruntime.InferenceSession(path)",
     "torchscript": "torch.jit.load(path)",
     "pickle": "torch.load(path, weights_only=False)",
+    "aoti": "torch._inductor.aoti_load_package(path)",
     GRAPHSEL_FORMAT: "graphsel.load_model(path)",
 }
 # error allowed = atol + rtol * max|reference| (ONNX Runtime picks its own convolution algorithms)
 TOLERANCE = {"pt2": (1e-4, 1e-5), "torchscript": (1e-4, 1e-5), "pickle": (1e-4, 1e-5), "onnx": (1e-3, 1e-4),
+             "aoti": (1e-3, 1e-4),
              GRAPHSEL_FORMAT: (0.0, 0.0)}
 _GRAPHSEL_PREFIXES = ("graphsel",)
 
@@ -117,13 +124,14 @@ def export(gm: nn.Module, path: str | os.PathLike, format: str = "pt2", example_
 
     ``example_inputs`` (a tensor or a tuple of tensors) default to the inputs recorded when the
     graph was traced. ``path`` may be a directory (the file is then ``model`` + the format's
-    suffix). ``check``: load the artefact back, run it on the example inputs and raise
+    suffix). To deploy on the fastest runtime here, pass the format
+    :func:`graphsel.benchmark_runtimes` names: ``export(gm, path, table.export_format)``. ``check``: load the artefact back, run it on the example inputs and raise
     :class:`ExportError` when its outputs differ from ``gm``'s by more than
     ``atol + rtol * max|output|`` (defaults per format in ``TOLERANCE``).
     """
     if not isinstance(gm, nn.Module):
         raise TypeError(f"graphsel.export expects a torch.nn.Module or GraphModule, got {type(gm).__name__}")
-    known = FORMATS + (GRAPHSEL_FORMAT,)
+    known = FORMATS + COMPILED_FORMATS + (GRAPHSEL_FORMAT,)
     if format not in known:
         close = difflib.get_close_matches(str(format), known, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -139,7 +147,7 @@ def export(gm: nn.Module, path: str | os.PathLike, format: str = "pt2", example_
     else:
         model = copy.deepcopy(gm).eval()
         writer = {"pt2": _write_pt2, "onnx": _write_onnx, "torchscript": _write_torchscript,
-                  "pickle": _write_pickle}
+                  "pickle": _write_pickle, "aoti": _write_aoti}
         writer[format](model, inputs, out, result)
     result.files = _written_files(out)
     if check and inputs is not None:
@@ -277,6 +285,24 @@ def _write_pt2(model: nn.Module, inputs: tuple, out: Path, result: ExportResult)
     ep = _torch_export(model, inputs)
     torch.export.save(ep, str(out))
     result.method = "torch.export"
+
+
+def _write_aoti(model: nn.Module, inputs: tuple, out: Path, result: ExportResult) -> None:
+    from graphsel.analysis.latency import runtime_unavailable
+
+    why = runtime_unavailable("aoti")
+    if why:
+        raise ExportError(f"format 'aoti' needs AOTInductor: {why}")
+    import torch._inductor as inductor
+
+    ep = _torch_export(model, inputs)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inductor.aoti_compile_and_package(ep, package_path=str(out))
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"AOTInductor compilation failed: {type(e).__name__}: {_first_line(e)}") from e
+    result.method = "torch.export + torch._inductor.aoti_compile_and_package"
 
 
 def _torch_export(model: nn.Module, inputs: tuple):
@@ -444,6 +470,13 @@ def _run_artefact(result: ExportResult, inputs: tuple) -> list[torch.Tensor]:
     elif result.format == "pt2":
         loaded = torch.export.load(path).module()
         result.checked_with = "torch.export.load"
+    elif result.format == "aoti":
+        import torch._inductor as inductor
+
+        runner = inductor.aoti_load_package(path)
+        result.checked_with = "torch._inductor.aoti_load_package"
+        with torch.inference_mode():
+            return flatten_outputs(runner(*inputs))
     elif result.format == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
