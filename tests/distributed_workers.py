@@ -209,3 +209,40 @@ def dgc_(rank: int, world: int) -> dict:
     sync_buffers(ddp, x)
     assert_replicas_equal(model)
     return out | {"state": state(model), "history": [(u.step, u.threshold, u.ratio) for u in report.history]}
+
+
+# -- DCP -----------------------------------------------------------------------------------------
+
+def dcp_model() -> nn.Module:
+    from graphsel.tools.models import preact_resnet_cifar
+    torch.manual_seed(0)
+    return preact_resnet_cifar(8, in_channels=1).eval()
+
+
+def dcp_data(rank: int) -> list:
+    return labelled(40 + rank, 2, 4, (1, 8, 8), classes=10)
+
+
+def dcp_selection(data: list) -> dict:
+    """The dcp pass (one inserted head, fitted; two masked-SGD steps per selection) on ``data``."""
+    import graphsel
+    from graphsel.passes import dcp
+    gm = graphsel.transform(dcp_model(), [("dcp", {"ratio": 0.5, "data": data, "heads": 1, "steps": 2,
+                                                   "head_iters": 10, "progress": False})],
+                            torch.randn(2, 1, 8, 8), progress=False)
+    layers = dcp.dcp_state(gm)["layers"]
+    return {"order": {p: r["order"] for p, r in layers.items()}, "losses": {p: r["losses"] for p, r in layers.items()},
+            "head_fit": dcp.dcp_state(gm)["head_fit"], "selected": state(gm)}
+
+
+def dcp_(rank: int, world: int) -> dict:
+    """The dcp pass on each rank's data; phase 1 fine-tuning (both modes) on each rank's data."""
+    import graphsel
+    from graphsel.distributed import assert_replicas_equal
+    from graphsel.passes import dcp
+    out = dcp_selection(dcp_data(rank))
+    gm = graphsel.transform(dcp_model(), [("dcp_heads", {"heads": 2})], torch.randn(2, 1, 8, 8), progress=False)
+    losses = {mode: dcp.finetune(gm, dcp_data(rank), mode=mode, lr=0.05, progress=False).losses
+              for mode in ("alternate", "sum")}
+    assert_replicas_equal(gm)
+    return out | {"finetuned": state(gm), "finetune_losses": losses}

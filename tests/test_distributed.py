@@ -108,3 +108,23 @@ def test_dgc_global_threshold_is_the_union_threshold_on_every_rank(tmp_path):
                for p in union["keep"])
     assert len(a["history"]) == 2 and a["history"] == b["history"]
     assert same_state(a["state"], b["state"]) == []
+
+
+# -- DCP -----------------------------------------------------------------------------------------
+
+def test_dcp_selection_on_two_ranks_is_one_process_on_the_concatenated_batches(tmp_path):
+    """The dcp pass (head fitting, greedy selection, masked SGD) with each rank's own batches:
+    the same channels, weights and heads on both ranks, equal to one process whose batch i is the
+    ranks' batches i concatenated; phase 1 fine-tuning (both modes) keeps the replicas identical."""
+    a, b = W.launch("dcp_", tmp_path)
+    union = W.dcp_selection(W.concatenated([W.dcp_data(0), W.dcp_data(1)]))
+    assert a["order"] == b["order"] == union["order"]
+    assert all(len(kept) for kept in a["order"].values())
+    assert same_state(a["selected"], b["selected"]) == [] and a["head_fit"] == b["head_fit"]
+    for k, v in union["selected"].items():
+        assert torch.allclose(a["selected"][k].double(), v.double(), rtol=1e-4, atol=1e-6), k
+    for p, losses in union["losses"].items():
+        assert a["losses"][p] == pytest.approx(losses, rel=1e-4)
+    assert a["head_fit"] == pytest.approx(union["head_fit"], rel=1e-4)
+    assert same_state(a["finetuned"], b["finetuned"]) == []
+    assert a["finetune_losses"] == b["finetune_losses"]

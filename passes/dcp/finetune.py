@@ -18,6 +18,15 @@ skipped; a shuffling loader gives the same order only if its sampler is seeded p
 
 The losses accumulated over the data are kept by one object (:class:`LossMeter`), the single
 place where statistics cross batches.
+
+Under torch.distributed (``process_group``; default: the default group when initialised, see
+:mod:`graphsel.distributed`) each rank trains on its own batches and every step uses the gradient
+of the mean loss over the ranks' batches of that step (gradients all-reduced, weighted by the
+batch sizes), so the replicas stay identical; buffers (BatchNorm statistics) are rank 0's at the
+end, as DistributedDataParallel makes them; the reported losses are means over every rank; only
+rank 0 writes ``state_path``, which every rank must be able to read to resume. The ranks must
+hold the same number of batches; this is checked. :func:`fit_heads` sums the BatchNorm statistics
+over the ranks and fits each head on the features of every rank.
 """
 from __future__ import annotations
 
@@ -31,6 +40,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from graphsel import distributed as gd
 
 from .data import as_source, to_device
 from .errors import DCPError
@@ -59,6 +70,35 @@ class LossMeter:
 
     def load(self, state: dict[str, Any]) -> None:
         self.sums, self.count = dict(state["sums"]), int(state["count"])
+
+    def reduced(self, process_group=None) -> "LossMeter":
+        """The meter of every rank's samples (itself without torch.distributed)."""
+        group = gd.resolve_group(process_group)
+        if group is None:
+            return self
+        names = sorted(self.sums)
+        gd.same_on_all_ranks(names, group, what="LossMeter.reduced", name="the names of the losses",
+                             fix="every rank must record the same losses")
+        *sums, count = gd.sum_over([self.sums[k] for k in names] + [self.count], group, what="LossMeter.reduced")
+        out = LossMeter()
+        out.sums, out.count = dict(zip(names, sums)), int(count)
+        return out
+
+
+def average_gradients(params: list[torch.Tensor], samples: int, group) -> None:
+    """Replace each gradient by Σ_r n_r·g_r / Σ_r n_r over the ranks (``samples`` = n_r): the
+    gradient of the mean loss over the union of the ranks' batches. Parameters without a gradient
+    (None on every rank: the graph is the same) are left alone."""
+    if group is None:
+        return
+    what = "the gradient all-reduce of dcp.finetune"
+    grads = [p.grad for p in params if p.grad is not None]
+    total = gd.sum_over([samples], group, what=what)[0]
+    for dtype in sorted({g.dtype for g in grads}, key=str):
+        same = [g for g in grads if g.dtype == dtype]
+        flat = gd.all_reduce_sum(torch.cat([g.reshape(-1) for g in same]) * samples, group, what=what) / total
+        for g, part in zip(same, flat.split([g.numel() for g in same])):
+            g.copy_(part.view_as(g))
 
 
 @dataclass
@@ -98,10 +138,11 @@ def finetune(gm: fx.GraphModule, data: Any, *, epochs: int = 1, steps: int | Non
              momentum: float = 0.9, weight_decay: float = 1e-4, nesterov: bool = False, decay: float = 1.0,
              mode: str = "alternate", heads: Sequence[int] | None = None, aux_weight: float = 1.0,
              state_path: str | os.PathLike | None = None, save_every: int = 100,
-             progress: bool | None = None) -> FinetuneResult:
+             progress: bool | None = None, process_group=None) -> FinetuneResult:
     """Fine-tune ``gm`` (a graph with auxiliary classifiers) in place with the auxiliary losses;
     see the module docstring. ``data``: a re-iterable of ``(inputs, targets)`` batches."""
     chosen = _check(gm, mode, heads, epochs, steps, lr, decay, aux_weight)
+    group = gd.resolve_group(process_group)
     source = as_source(data, "dcp.finetune")
     model = aux_model(gm)
     params = [p for p in gm.parameters() if p.requires_grad]
@@ -121,20 +162,25 @@ def finetune(gm: fx.GraphModule, data: Any, *, epochs: int = 1, steps: int | Non
                            f"or give another state_path") from None
         start, current_lr = int(saved["step"]), float(saved["lr"])
         torch.set_rng_state(saved["rng"])
+    gd.same_on_all_ranks((per_epoch, total, start), group, what="dcp.finetune",
+                         name="(batches per epoch, steps, step resumed from)",
+                         fix="give every rank the same number of batches (a DistributedSampler with drop_last=True), "
+                             "and a state_path every rank reads (rank 0 writes it)")
     device = params[0].device if params else torch.device("cpu")
     dtype = params[0].dtype if params else None
 
     def save(step: int) -> None:
-        if path is None:
+        if path is None or gd.rank(group) != 0:
             return
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"step": step, "lr": current_lr, "model": gm.state_dict(), "optimizer": opt.state_dict(),
                     "rng": torch.get_rng_state(), "losses": meter.state()}, tmp)
         os.replace(tmp, path)
 
-    def step_on(loss: torch.Tensor) -> None:
+    def step_on(loss: torch.Tensor, samples: int) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(params, samples, group)
         opt.step()
 
     flags = [(m, m.training) for m in gm.modules()]
@@ -153,24 +199,24 @@ def finetune(gm: fx.GraphModule, data: Any, *, epochs: int = 1, steps: int | Non
                 if step >= total:
                     break
                 inputs, targets = to_device(inputs, targets, device, dtype)
-                for group in opt.param_groups:
-                    group["lr"] = current_lr
+                for param_group in opt.param_groups:
+                    param_group["lr"] = current_lr
                 losses: dict[str, float] = {}
                 if mode == "sum":
                     main, aux = model(*inputs)
                     parts = {f"aux{h}": F.cross_entropy(aux[h], targets) for h in chosen}
                     final = F.cross_entropy(main, targets)
-                    step_on(final + aux_weight * sum(parts.values()))
+                    step_on(final + aux_weight * sum(parts.values()), len(targets))
                     losses = {"final": final.item(), **{k: v.item() for k, v in parts.items()}}
                 else:
                     for h in chosen:
                         _, aux = model(*inputs)
                         loss = F.cross_entropy(aux[h], targets)
-                        step_on(aux_weight * loss)
+                        step_on(aux_weight * loss, len(targets))
                         losses[f"aux{h}"] = loss.item()
                     main, _ = model(*inputs)
                     final = F.cross_entropy(main, targets)
-                    step_on(final)
+                    step_on(final, len(targets))
                     losses["final"] = final.item()
                 meter.update(len(targets), **losses)
                 current_lr *= decay
@@ -179,20 +225,24 @@ def finetune(gm: fx.GraphModule, data: Any, *, epochs: int = 1, steps: int | Non
                 bar.set_postfix({k: f"{v:.3f}" for k, v in meter.means().items()}, refresh=False)
                 if save_every and step % save_every == 0:
                     save(step)
+        gd.broadcast_tensors(list(gm.buffers()), group, what="dcp.finetune (rank 0's buffers)")
         save(step)
     finally:
         bar.close()
         for m, t in flags:
             m.training = t
-    return FinetuneResult(step, start, meter.means(), current_lr, time.perf_counter() - t0)
+    return FinetuneResult(step, start, meter.reduced(group).means(), current_lr, time.perf_counter() - t0)
 
 
-def fit_heads(gm: fx.GraphModule, data: Any, *, iters: int = 50, weight_decay: float = 1e-4) -> dict[str, float]:
+def fit_heads(gm: fx.GraphModule, data: Any, *, iters: int = 50, weight_decay: float = 1e-4,
+              process_group=None) -> dict[str, float]:
     """Fit the auxiliary classifiers of ``gm`` to its frozen features (what the ``dcp`` pass does
     when the graph has no phase-1-trained heads): each head's BatchNorm gets the exact per-channel
     statistics of its pivot over the data (γ = 1, β = 0), then its Linear layer is fitted on the
     pooled features by L-BFGS (``iters`` iterations, cross-entropy + ``weight_decay``·‖W‖²/2).
-    Returns the final cross-entropy per head. The backbone is run in eval mode and not changed."""
+    Returns the final cross-entropy per head. The backbone is run in eval mode and not changed.
+    Under torch.distributed the statistics are summed and the features gathered over the ranks
+    (module docstring): every rank fits the same heads."""
     from graphsel.pipeline.verify import eval_mode
 
     from .subgraph import extract
@@ -200,6 +250,8 @@ def fit_heads(gm: fx.GraphModule, data: Any, *, iters: int = 50, weight_decay: f
     heads = heads_of(gm)
     if not heads:
         return {}
+    group = gd.resolve_group(process_group)
+    what = "dcp.fit_heads"
     source = as_source(data, "dcp")
     nodes = {n.name: n for n in gm.graph.nodes}
     prefix = extract(gm, [], [nodes[h["pivot"]] for h in heads], model_inputs=True)
@@ -222,6 +274,8 @@ def fit_heads(gm: fx.GraphModule, data: Any, *, iters: int = 50, weight_decay: f
                 flat = o.transpose(0, 1).reshape(o.shape[1], -1).double()
                 part = torch.stack([flat.sum(1), flat.pow(2).sum(1), torch.full_like(flat[:, 0], flat.shape[1])])
                 sums[i] = part if sums[i] is None else sums[i] + part
+        if group is not None:
+            sums = [gd.all_reduce_sum(x, group, what=what) for x in sums]
         for h, s in zip(heads, sums):
             mean = s[0] / s[2]
             var = (s[1] / s[2] - mean.pow(2)).clamp_min(0)
@@ -239,11 +293,11 @@ def fit_heads(gm: fx.GraphModule, data: Any, *, iters: int = 50, weight_decay: f
                     z = torch.relu(modules[h["bn"]](o))
                     feats[i].append(z.mean(tuple(range(2, z.dim()))))
                 labels.append(targets)
-    y = torch.cat(labels)
+    y = gd.all_gather_rows(torch.cat(labels), group, what=what)
     result = {}
     for i, h in enumerate(heads):
         fc = modules[h["fc"]]
-        f = torch.cat(feats[i])
+        f = gd.all_gather_rows(torch.cat(feats[i]), group, what=what)
         opt = torch.optim.LBFGS(fc.parameters(), lr=1, max_iter=iters, line_search_fn="strong_wolfe")
 
         def closure():

@@ -35,6 +35,12 @@ samples and positions; ``"mean"``: the authors' code's mean over every element),
 default one pass over the data), ``lr``, ``momentum``, ``fit_heads`` (``"auto"``: only
 heads this pass inserts), ``head_iters``, ``keep_heads``, ``cache_mb`` (prefix cache budget),
 ``include`` / ``exclude`` (module selection of the pruned layers), ``progress``.
+
+Under torch.distributed (torchrun) run the pass on every rank, each with its own ``data``: the
+heads' statistics and the selection's sums are reduced over the default process group
+(:func:`.fit_heads`, :mod:`.select`), so every rank records the same masks and weights, those of
+one process on the ranks' batches concatenated. To run it on one rank alone, wrap the call in
+``with graphsel.distributed.local():``.
 """
 from __future__ import annotations
 

@@ -23,6 +23,13 @@ computed once per batch (the prefix, no gradient) and cached while they fit in `
 every pass over the data then runs only the layer and the rest of its segment — once per batch,
 never once per candidate channel (one gradient gives every candidate's score). Sums over the data
 (gradients, losses) are made in one place, :func:`accumulate`.
+
+Under torch.distributed (``process_group``; default: the default group when initialised, see
+:mod:`graphsel.distributed`) each rank holds its own selection data: :func:`accumulate` sums the
+gradients, losses and sample counts over the ranks, and each masked-SGD step uses the gradient of
+the mean loss over the ranks' batches of that step. Every rank then makes the same choices, those
+of one process whose batch i is the ranks' batches i concatenated. The ranks must hold the same
+number of batches (or be given the same ``steps``); this is checked.
 """
 from __future__ import annotations
 
@@ -36,6 +43,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from graphsel import distributed as gd
 
 from .data import DataSource, to_device
 from .subgraph import Segment, extract
@@ -158,10 +167,12 @@ class LayerProblem:
         return self.mse_weight * mse + self.lam * ce, mse, ce
 
 
-def accumulate(problem: LayerProblem, weight: torch.Tensor, grad: bool = True) -> Totals:
+def accumulate(problem: LayerProblem, weight: torch.Tensor, grad: bool = True, *,
+               process_group=None) -> Totals:
     """Sample-weighted sums over one pass of the data at ``weight`` (the layer's parameter): the
     gradient ∂L/∂W, the losses and the sample count — the one place where statistics cross
-    batches (where an all-reduce over processes would go)."""
+    batches, summed over the ranks under torch.distributed (module docstring)."""
+    group = gd.resolve_group(process_group)
     total = Totals(None, 0.0, 0.0, 0.0, 0)
     for b in problem.batches():
         n = len(b.targets)
@@ -177,6 +188,12 @@ def accumulate(problem: LayerProblem, weight: torch.Tensor, grad: bool = True) -
         total.samples += n
     if grad and total.grad is None:
         total.grad = torch.zeros_like(weight)
+    if group is not None:
+        what = "DCP's sums over the selection data (accumulate)"
+        if grad:
+            total.grad = gd.all_reduce_sum(total.grad, group, what=what)
+        loss, mse, ce, samples = gd.sum_over([total.loss, total.mse, total.ce, total.samples], group, what=what)
+        total = Totals(total.grad, loss, mse, ce, int(samples))
     return total.mean()
 
 
@@ -197,14 +214,21 @@ def _column_mask(weight: torch.Tensor, kept: list[int]) -> torch.Tensor:
 
 
 def masked_sgd(problem: LayerProblem, weight: torch.Tensor, kept: list[int], steps: int, lr: float,
-               momentum: float, stream: Iterator[Batch]) -> None:
+               momentum: float, stream: Iterator[Batch], *, process_group=None) -> None:
     """``steps`` SGD steps on the selected columns of ``weight`` (the others stay exactly zero).
-    Each step's gradient is one batch's (data-parallel selection would all-reduce it here)."""
+    Each step's gradient is one batch's; under torch.distributed, that of the mean loss over the
+    ranks' batches of the step."""
+    group = gd.resolve_group(process_group)
     mask = _column_mask(weight, kept)
     buf = torch.zeros_like(weight)
     for b in itertools.islice(stream, steps):
         loss, _, _ = problem.loss(b)
         g, = torch.autograd.grad(loss, weight)
+        if group is not None:       # Σ_r n_r·g_r / Σ_r n_r, with the counts in the same all-reduce
+            n = len(b.targets)
+            both = gd.all_reduce_sum(torch.cat([g.reshape(-1) * n, g.new_tensor([n])]), group,
+                                     what="DCP's masked SGD step (masked_sgd)")
+            g = (both[:-1] / both[-1]).view_as(g)
         with torch.no_grad():
             buf.mul_(momentum).add_(g * mask)
             weight.sub_(lr * buf)
@@ -213,17 +237,22 @@ def masked_sgd(problem: LayerProblem, weight: torch.Tensor, kept: list[int], ste
 
 def greedy_select(problem: LayerProblem, original: torch.Tensor, target: int, *, score: str = "paper",
                   adapt: float | None = None, steps: int | None = None, lr: float = 0.01,
-                  momentum: float = 0.9, progress: bool | None = None, desc: str = "dcp") -> LayerSelection:
+                  momentum: float = 0.9, progress: bool | None = None, desc: str = "dcp",
+                  process_group=None) -> LayerSelection:
     """Algorithm 2 on ``problem`` (see the module docstring). ``original``: the layer's weight
     before selection (columns are restored from it). The layer's parameter is set to zero first
-    and left holding the selected, optimised weight."""
+    and left holding the selected, optimised weight. ``process_group``: see the module docstring."""
     t0 = time.perf_counter()
+    group = gd.resolve_group(process_group)
     weight = problem.module.weight
     channels = weight.shape[1]
     target = max(1, min(int(target), channels))
     with torch.no_grad():
         weight.zero_()
     steps = len(problem.data) if steps is None else int(steps)
+    gd.same_on_all_ranks((steps, target), group, what=f"DCP selection ({desc})", name="(masked-SGD steps, target)",
+                         fix="give every rank the same number of selection batches (a DistributedSampler with "
+                             "drop_last=True) or the same steps=")
     if problem._cache is None:
         problem.build_cache()
     stream = _stream(problem)
@@ -234,7 +263,7 @@ def greedy_select(problem: LayerProblem, original: torch.Tensor, target: int, *,
                disable=(not progress) if progress is not None else None)
     try:
         while len(kept) < target:
-            totals = accumulate(problem, weight)
+            totals = accumulate(problem, weight, process_group=group)
             losses.append(totals.loss)
             if adapt is not None and len(losses) >= 2 and \
                     abs(losses[-2] - losses[-1]) <= adapt * max(abs(losses[0]), 1e-12):
@@ -247,7 +276,7 @@ def greedy_select(problem: LayerProblem, original: torch.Tensor, target: int, *,
             with torch.no_grad():
                 weight[:, k] = original[:, k]
             if steps > 0:
-                masked_sgd(problem, weight, kept, steps, lr, momentum, stream)
+                masked_sgd(problem, weight, kept, steps, lr, momentum, stream, process_group=group)
             bar.update(1)
             bar.set_postfix(loss=f"{totals.loss:.4g}", refresh=False)
     finally:
