@@ -246,3 +246,84 @@ def dcp_(rank: int, world: int) -> dict:
               for mode in ("alternate", "sum")}
     assert_replicas_equal(gm)
     return out | {"finetuned": state(gm), "finetune_losses": losses}
+
+
+# -- BSN -----------------------------------------------------------------------------------------
+
+class TinyResidual(nn.Module):
+    """Two gated residual branches, no BatchNorm: every sample's loss depends on that sample only,
+    so two ranks' batches are exactly one process's concatenated batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 6, 3, padding=1)
+        self.b1 = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1))
+        self.b2 = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1))
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.b1(x))
+        x = torch.relu(x + self.b2(x))
+        return self.head(x.mean((2, 3)))
+
+
+def bsn_model() -> torch.fx.GraphModule:
+    import graphsel
+    torch.manual_seed(0)
+    return graphsel.transform(TinyResidual(), [("budget_gates", {"on": "residual"})], torch.randn(2, 1, 6, 6),
+                              progress=False)
+
+
+class FixedDraws:
+    """Stands in for ``torch.bernoulli`` in the gates: gate call i of a forward draws
+    ``table[i % gates]`` from sample ``offset`` on, so ranks and one process see the same
+    architecture per sample of the global batch."""
+
+    def __init__(self, table: torch.Tensor, offset: int):
+        self.table, self.offset, self.calls = table, offset, 0
+
+    def __call__(self, p: torch.Tensor) -> torch.Tensor:
+        row = self.table[self.calls % len(self.table)]
+        self.calls += 1
+        return row[self.offset:self.offset + p.numel()].to(p.dtype).view_as(p)
+
+
+def bsn_step(trainer, x: torch.Tensor, y: torch.Tensor, offset: int) -> dict:
+    """One surrogate-loss backward with the draws of ``FixedDraws``: the baseline, the gate
+    statistics and the gradients (averaged by DDP when the trainer's model is a DDP wrapper)."""
+    table = torch.rand(len(trainer._gates), 8, generator=torch.Generator().manual_seed(5)) < 0.5
+    seen = []
+    statistics = trainer.statistics
+    trainer.statistics = lambda reward, H: seen.append(statistics(reward, H)) or seen[-1]
+    bernoulli, torch.bernoulli = torch.bernoulli, FixedDraws(table, offset)
+    try:
+        trainer.model.train()
+        loss, _ = trainer.loss(trainer.model(x), y)
+        loss.backward()
+    finally:
+        torch.bernoulli = bernoulli
+        trainer.statistics = statistics
+    return {"baseline": float(seen[0]["baseline"]), "gate_on": seen[0]["gate_on"],
+            "grads": {n: p.grad.clone() for n, p in trainer.module.named_parameters() if p.grad is not None}}
+
+
+def bsn_data(rank: int) -> list:
+    return labelled(50 + rank, 3, 4, (1, 6, 6))
+
+
+def bsn_(rank: int, world: int) -> dict:
+    """BudgetedTrainer around a DDP wrapper (default settings): a warm-up epoch (no logit in the
+    loss) and a sampling epoch; then one step with fixed draws against one process."""
+    from graphsel.distributed import assert_replicas_equal
+    from graphsel.passes import bsn
+    torch.manual_seed(60 + rank)                          # each rank its own architectures
+    gm = bsn_model()
+    ddp = nn.parallel.DistributedDataParallel(gm)
+    trainer = bsn.BudgetedTrainer(ddp, fraction=0.6, cost="macs")
+    opt = torch.optim.SGD(trainer.param_groups(logit_lr=0.5), lr=0.05, momentum=0.9)
+    history = trainer.fit(bsn_data(rank), opt, epochs=2, warmup_epochs=1, progress=False)
+    assert_replicas_equal(ddp)
+    step = bsn_step(bsn.BudgetedTrainer(nn.parallel.DistributedDataParallel(bsn_model()), fraction=0.6),
+                    *bsn_data(rank)[0], offset=4 * rank)
+    return {"state": state(gm), "history": history, "step": step}

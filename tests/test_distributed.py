@@ -128,3 +128,25 @@ def test_dcp_selection_on_two_ranks_is_one_process_on_the_concatenated_batches(t
     assert a["head_fit"] == pytest.approx(union["head_fit"], rel=1e-4)
     assert same_state(a["finetuned"], b["finetuned"]) == []
     assert a["finetune_losses"] == b["finetune_losses"]
+
+
+# -- BSN -----------------------------------------------------------------------------------------
+
+def test_bsn_baseline_is_the_global_batch_mean_and_ddp_defaults_train(tmp_path):
+    """BudgetedTrainer around DDP (default settings) through a warm-up epoch, where no logit is in
+    the loss, and a sampling epoch with each rank's own draws: identical replicas and epoch
+    records. With the same architecture per sample (fixed draws), the baseline, the gate
+    statistics and the gradients of two ranks equal one process's on the concatenated batch."""
+    from graphsel.passes import bsn
+    a, b = W.launch("bsn_", tmp_path)
+    assert same_state(a["state"], b["state"]) == []
+    assert a["history"] == b["history"] and [h["sampling"] for h in a["history"]] == [False, True]
+    x, y = W.concatenated([W.bsn_data(0), W.bsn_data(1)])[0]
+    one = W.bsn_step(bsn.BudgetedTrainer(W.bsn_model(), fraction=0.6), x, y, offset=0)
+    for rank in (a, b):
+        step = rank["step"]
+        assert step["baseline"] == pytest.approx(one["baseline"], rel=1e-6)
+        assert step["gate_on"] == one["gate_on"] and 0 < min(one["gate_on"]) and max(one["gate_on"]) < 1
+        assert step["grads"].keys() == one["grads"].keys()
+        for k, g in one["grads"].items():
+            assert torch.allclose(step["grads"][k], g, rtol=1e-5, atol=1e-7), k

@@ -31,8 +31,17 @@ Fashion-MNIST run did the same: 8 % of the MACs after one epoch); λ = 2 misses 
 at learning rate 0.05; λ = 10 ends the 25 % run at 8–16 % of the MACs. 5 is the middle of the
 working range (``python -m benchmarks.bsn_fashion_mnist --simulate-lambda`` reruns the simulation).
 
-The baseline and the gate statistics are computed in one place, :meth:`BudgetedTrainer.statistics`
-(where a ``torch.distributed`` all-reduce will go).
+The baseline and the gate statistics are computed in one place, :meth:`BudgetedTrainer.statistics`.
+
+**torch.distributed.** Wrap the gated GraphModule in ``DistributedDataParallel`` (default
+settings) and give the wrapper to the trainer: the forward goes through it, the gates and the
+cost model are the module's. With ``process_group`` (default: the default group when
+initialised, see :mod:`graphsel.distributed`) the baseline is the mean reward of the global batch
+(reward sums and counts all-reduced), the gate statistics and the epoch records are over every
+rank, and in the warm-up, where no logit takes part in the loss, the logits are added with weight
+0 so that DDP's ``find_unused_parameters=False`` finds a gradient for each. Each rank draws its own
+architectures (``torch.bernoulli`` on the global generator): seed the ranks differently
+(``torch.manual_seed(seed + rank)``) for independent draws.
 """
 from __future__ import annotations
 
@@ -46,6 +55,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from graphsel import distributed as gd
 from graphsel.errors import GraphselError
 
 from .costs import KINDS, ArchitectureCost
@@ -81,14 +91,17 @@ class BudgetedTrainer:
     steps), or ``fraction`` of the whole super network's cost (one of the two). ``cost``: one of
     ``"macs"``, ``"params"``, ``"time"``, ``"steps"`` (``units`` parallel units). ``lam``: λ
     (default :func:`default_lambda`). ``criterion(output, target)`` must return one loss per
-    sample (default: cross-entropy, ``reduction="none"``).
+    sample (default: cross-entropy, ``reduction="none"``). ``model`` may be wrapped in
+    ``DistributedDataParallel``; ``process_group``: see the module docstring.
     """
 
     def __init__(self, model: fx.GraphModule, budget: float | None = None, *, fraction: float | None = None,
                  cost: str = "macs", units: int | None = None, lam: float | None = None,
                  criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 cost_model: ArchitectureCost | None = None, latency: dict | None = None):
-        if not gates(model):
+                 cost_model: ArchitectureCost | None = None, latency: dict | None = None, process_group=None):
+        self.process_group = gd.resolve_group(process_group)
+        module = gd.unwrap(model)
+        if not gates(module):
             raise GraphselError("BudgetedTrainer: the model has no budget gates; run "
                                 "graphsel.transform(model, ['budget_gates'], example_inputs) first")
         if cost not in KINDS:
@@ -103,9 +116,9 @@ class BudgetedTrainer:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                                   or v <= 0):
                 raise GraphselError(f"BudgetedTrainer: {name} must be a positive finite number, got {v!r}")
-        self.model = model
+        self.model, self.module = model, module          # the forward goes through the wrapper
         self.kind, self.units = cost, units
-        self.cost_model = cost_model if cost_model is not None else ArchitectureCost(model, units=units,
+        self.cost_model = cost_model if cost_model is not None else ArchitectureCost(module, units=units,
                                                                                       latency=latency)
         self.full = self.cost_model.full_cost(cost, units)
         if self.full <= 0:
@@ -118,8 +131,8 @@ class BudgetedTrainer:
         self.lam = float(lam) if lam is not None else default_lambda(self.budget)
         self.criterion = criterion if criterion is not None else (
             lambda out, y: F.cross_entropy(out, y, reduction="none"))
-        self._gates = [g for _, g in gates(model)]
-        names = [n for n, _ in gates(model)]
+        self._gates = [g for _, g in gates(module)]
+        names = [n for n, _ in gates(module)]
         if names != self.cost_model.gate_names and sorted(names) != sorted(self.cost_model.gate_names):
             raise GraphselError("BudgetedTrainer: the cost model's gates are not the model's")
         order = {n: i for i, n in enumerate(names)}
@@ -136,7 +149,7 @@ class BudgetedTrainer:
         parameters (no decay), and the gate logits (their own group: ``logit_lr`` when given)."""
         logit_ids = {id(g.logit) for g in self._gates}
         decay, no_decay = [], []
-        for p in self.model.parameters():
+        for p in self.module.parameters():
             if id(p) in logit_ids or not p.requires_grad:
                 continue
             (decay if p.ndim > 1 else no_decay).append(p)
@@ -152,9 +165,16 @@ class BudgetedTrainer:
         return self.cost_model.sampled(self.kind, self.units) / self.full
 
     def statistics(self, reward: torch.Tensor, H: np.ndarray) -> dict[str, Any]:
-        """The REINFORCE baseline (batch mean of the rewards) and the gate statistics — the one
-        place where a multi-process run will all-reduce them."""
-        return {"baseline": reward.mean(), "gate_on": H.mean(axis=0).tolist(), "samples": int(reward.numel())}
+        """The REINFORCE baseline (mean reward of the batch) and the gate statistics (fraction of
+        the batch with each gate on); under torch.distributed, of the global batch: every rank's."""
+        if self.process_group is None:
+            return {"baseline": reward.mean(), "gate_on": H.mean(axis=0).tolist(), "samples": int(reward.numel())}
+        local = torch.cat([reward.detach().double().sum().view(1), torch.tensor([float(reward.numel())]).double(),
+                           torch.as_tensor(np.asarray(H, dtype=np.float64).sum(axis=0))])
+        total = gd.all_reduce_sum(local, self.process_group, what="BudgetedTrainer's baseline and gate statistics")
+        n = total[1]
+        return {"baseline": (total[0] / n).to(device=reward.device, dtype=reward.dtype),
+                "gate_on": (total[2:] / n).tolist(), "samples": int(n)}
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, StepStats]:
         """The surrogate loss of one batch (after the forward that drew the architectures)."""
@@ -178,6 +198,8 @@ class BudgetedTrainer:
             h = torch.as_tensor(np.ascontiguousarray(H), dtype=a.dtype, device=a.device)
             logp = (h * F.logsigmoid(a) + (1 - h) * F.logsigmoid(-a)).sum(dim=1)
             total = total + ((reward - stats["baseline"]) * logp).mean()
+        elif self.process_group is not None:     # every logit takes part, for DDP (module docstring)
+            total = total + 0 * self.logits().sum()
         correct = int((output.argmax(1) == target).sum()) if output.dim() == 2 and target.dim() == 1 else 0
         return total, StepStats(float(total.detach()), float(task.detach().mean()), float(penalty.mean()),
                                 float(costs.mean()), float((costs > self.fraction).mean()), correct, n,
@@ -209,12 +231,17 @@ class BudgetedTrainer:
         train the whole super network without sampling (the paper's warm-up). ``scheduler`` is
         stepped after every iteration. The progress bar shows the batch's mean sampled cost (an
         estimate of the expected cost) against the budget, both as fractions of the super
-        network's cost. Returns one record per epoch."""
+        network's cost. Returns one record per epoch (under torch.distributed, over every rank's
+        samples; the ranks must hold the same number of batches)."""
         if not isinstance(epochs, int) or epochs < 1:
             raise GraphselError(f"BudgetedTrainer.fit: epochs must be a positive int, got {epochs!r}")
+        if self.process_group is not None and hasattr(loader, "__len__"):   # every step is a collective
+            gd.same_on_all_ranks(len(loader), self.process_group, what="BudgetedTrainer.fit", name="the batches per epoch",
+                                 fix="give every rank the same number of batches (a DistributedSampler with "
+                                     "drop_last=True)")
         history = []
         for epoch in range(epochs):
-            set_sampling(self.model, epoch >= warmup_epochs)
+            set_sampling(self.module, epoch >= warmup_epochs)
             totals = {"loss": 0.0, "task": 0.0, "cost": 0.0, "over": 0.0, "correct": 0, "samples": 0, "steps": 0}
             bar = tqdm(loader, desc=f"bsn {epoch + 1}/{epochs}", leave=False,
                        disable=(not progress) if progress is not None else None)
@@ -230,6 +257,11 @@ class BudgetedTrainer:
                 totals["samples"] += s.samples
                 totals["steps"] += 1
                 bar.set_postfix_str(f"E[C] {s.cost:.3f} / budget {self.fraction:.3f}, loss {s.task_loss:.3f}")
+            if self.process_group is not None:
+                names = ("loss", "task", "cost", "over", "correct", "samples")
+                summed = gd.sum_over([totals[k] for k in names], self.process_group,
+                                     what="BudgetedTrainer.fit's epoch record")
+                totals.update(zip(names, summed))
             seen = max(1, totals["samples"])
             record = {"epoch": epoch + 1, "sampling": epoch >= warmup_epochs, "loss": totals["loss"] / seen,
                       "task_loss": totals["task"] / seen, "train_accuracy": totals["correct"] / seen,
@@ -239,5 +271,5 @@ class BudgetedTrainer:
             history.append(record)
             if on_epoch_end is not None:
                 on_epoch_end(record)
-        set_sampling(self.model, True)
+        set_sampling(self.module, True)
         return history
