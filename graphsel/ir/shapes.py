@@ -128,8 +128,9 @@ class _Propagation:
 _MISSING = object()
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
-    """Fill ``node.meta["tensor_meta"]`` (eval mode, no grad; the module's mode is restored)."""
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> Any:
+    """Fill ``node.meta["tensor_meta"]`` (eval mode, no grad; the module's mode is restored).
+    Returns the graph's output on ``example_inputs``."""
     _check_input_count(gm, example_inputs)
     all_modules = list(module_index(gm).values())
     was_training = [m.training for m in all_modules]
@@ -137,7 +138,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     prop = _Propagation(gm)
     try:
         with torch.no_grad():
-            prop.run(*example_inputs)
+            outputs = prop.run(*example_inputs)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         cause = e
         n = prop.current
@@ -153,6 +154,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
             m.training = t
     meta = graphsel_meta(gm)
     meta.inputs = [InputSpec.of(t) for t in example_inputs if isinstance(t, torch.Tensor)]
+    return outputs
 
 
 def _check_input_count(gm: fx.GraphModule, example_inputs: tuple) -> None:

@@ -11,7 +11,12 @@
    derived them itself, ``shapes_current``, is believed without verification and checked with it);
 5. **verify** — the contract against the previous graph (eval mode, example plus random inputs,
    dtype tolerances; masked graphs through the mask oracle); a violation raises
-   :class:`~graphsel.FunctionChangedError` with the first diverging node;
+   :class:`~graphsel.FunctionChangedError` with the first diverging node. Each input's reference
+   outputs are computed once and handed from pass to pass; a pass that left the graph, its
+   tensors and its reference semantics as they were (``fold_masks`` when liveness adds nothing:
+   the same code, the same parameter objects, the same mask-oracle plan) is the same computation,
+   so its outputs are the reference's and nothing is run again; the shape propagation's forward
+   on the example inputs doubles as the first verification forward of an unmasked graph;
 6. **record** — a row of the pass history (time, nodes, params/MACs before and after, deviation).
 
 ``verify`` has one meaning: check every pass's contract against the previous graph. Without it
@@ -50,7 +55,9 @@ from graphsel.ir.tracing import as_tuple, example_inputs_of, trace
 from graphsel.pipeline.context import PassContext
 from graphsel.pipeline.passbase import Contract, Pass, PassResult
 from graphsel.pipeline.registry import resolve_passes
-from graphsel.pipeline.verify import Deviation, compare_outputs, first_divergence, reference_forward
+from graphsel.analysis.masks import get_masks, has_masks
+from graphsel.pipeline.verify import (Deviation, compare_outputs, first_divergence, flatten_outputs,
+                                      reference_forward)
 
 
 @dataclass
@@ -74,6 +81,8 @@ class _Step:
     checked: bool = False
     verify_seconds: float = 0.0
     new_reference: list[list[torch.Tensor]] | None = None
+    propagated: list[torch.Tensor] | None = None   # outputs of the shape propagation on the example inputs
+    snapshot: list[tuple[torch.Tensor, torch.Tensor]] | None = None   # (tensor, copy of its values) before the pass
 
 
 def run_pass(p: Pass, gm: fx.GraphModule, ctx: PassContext, *, verify: bool = True,
@@ -105,9 +114,10 @@ def _prepare(p: Pass, gm: fx.GraphModule, ctx: PassContext, verify: bool, refere
     if signature is None:
         signature = (_shape_signature(work, index=index if work is gm else None) if verify
                      else (graph_fingerprint(gm, index),))
+    snapshot = _snapshot(index) if verify and reference is not None and not p.inplace_tensors else None
     return _Step(p, gm, ctx, verify, reference, signature, work=work,
                  versions={} if p.inplace_tensors else _tensor_versions(index),
-                 names_before={n.name for n in gm.graph.nodes}, cost_before=_cost_pair(gm, ctx))
+                 names_before={n.name for n in gm.graph.nodes}, cost_before=_cost_pair(gm, ctx), snapshot=snapshot)
 
 
 def _run(step: _Step) -> None:
@@ -164,12 +174,16 @@ def _shapes(step: _Step) -> None:
     if step.verify or not result.shapes_current:
         predicted = _recorded_shapes(new) if result.shapes_current else None
         try:
-            propagate_shapes(new, inputs)
+            outputs = propagate_shapes(new, inputs)
         except GraphselError as e:
             raise PassError(step.p.name, f"the rewritten graph no longer runs on the example inputs: {e}") from e
         if predicted is not None:
             _check_predicted_shapes(step.p.name, predicted, _recorded_shapes(new))
         step.new_signature = None                 # which nodes carry shapes may have changed
+        verify_inputs = step.ctx.verify_inputs() if step.verify else []
+        if verify_inputs and _same_inputs(inputs, verify_inputs[0]) and not has_masks(new):
+            # eval mode, no grad, no masks: exactly what reference_forward computes
+            step.propagated = [t.detach() for t in flatten_outputs(outputs)]
 
 
 def _verify(step: _Step, rtol: float | None, atol: float | None) -> None:
@@ -187,7 +201,11 @@ def _verify(step: _Step, rtol: float | None, atol: float | None) -> None:
                                        f"the outputs changed shape from {before} to {after}")
         step.checked = True
     elif step.verify and ctx.verify_inputs():
-        step.new_reference = [reference_forward(new, x, ctx) for x in ctx.verify_inputs()]
+        if step.reference is not None and _same_computation(step):
+            step.new_reference = step.reference       # the same code on the same tensors and plan
+        else:
+            step.new_reference = [step.propagated if i == 0 and step.propagated is not None
+                                  else reference_forward(new, x, ctx) for i, x in enumerate(ctx.verify_inputs())]
         dev = compare_outputs(step.reference, step.new_reference, rtol, atol)
         contract = p.contract
         if contract is Contract.EXACT:
@@ -204,6 +222,65 @@ def _verify(step: _Step, rtol: float | None, atol: float | None) -> None:
         step.deviation = dev
         step.checked = True
     step.verify_seconds = time.perf_counter() - t0
+
+
+SNAPSHOT_BYTES = 1 << 30      # graphs with more parameter and buffer memory run the forwards instead
+
+
+def _snapshot(index: dict[str, nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Every parameter and buffer with a copy of its values (None above ``SNAPSHOT_BYTES``)."""
+    tensors = [t for *_, t in module_tensors(index)]
+    if sum(t.numel() * t.element_size() for t in tensors) > SNAPSHOT_BYTES:
+        return None
+    return [(t, t.detach().clone()) for t in tensors]
+
+
+def _same_inputs(a: tuple, b: tuple) -> bool:
+    """The same input values (graph copies carry copies of the example inputs)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x is y:
+            continue
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+                and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)):
+            return False
+    return True
+
+
+def _same_computation(step: _Step) -> bool:
+    """Whether the pass's graph computes, by construction, what the previous one did under
+    reference semantics: the graph is unchanged (fingerprint, shapes, module settings), every
+    parameter and buffer is the same tensor object holding the same values as before the pass,
+    and the masks — if any — give the mask oracle the same plan (which tensors are zeroed, which
+    reductions and consumers see kept channels)."""
+    new, before = step.result.gm, step.before
+    if not step.unchanged or new is not step.work or before is new or step.snapshot is None:
+        return False
+    ta = [t for *_, t in module_tensors(module_index(new))]
+    if len(ta) != len(step.snapshot) or any(t is not old or not torch.equal(t, copy_)
+                                            for t, (old, copy_) in zip(ta, step.snapshot)):
+        return False            # (values compared too: a write through ``.data`` bumps no version counter)
+    mb, ma = has_masks(before), has_masks(new)
+    if not mb and not ma:
+        return True
+    if mb != ma:
+        return False
+    pb = step.ctx.analysis("oracle_plan", before, key=get_masks(before).key())
+    pa = step.ctx.analysis("oracle_plan", new, key=get_masks(new).key())
+    return _plans_equal(pb, pa)
+
+
+def _plans_equal(a, b) -> bool:
+    for x, y in ((a.zero, b.zero), (a.reduce, b.reduce), (a.consumer, b.consumer)):
+        if x.keys() != y.keys():
+            return False
+        for k, vx in x.items():
+            vy = y[k]
+            if len(vx) != len(vy) or any(
+                    (not torch.equal(p, q)) if isinstance(p, torch.Tensor) else p != q for p, q in zip(vx, vy)):
+                return False
+    return True
 
 
 def _output_shapes(gm: fx.GraphModule) -> list[tuple] | None:
@@ -435,11 +512,18 @@ def _check_finite(model: nn.Module, example_inputs: Any) -> None:
                                 f"verification cannot judge outputs computed from it. Pass finite example inputs "
                                 f"(or check_finite=False to skip this check).")
     for name, t in module_tensors_of(model):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and t.numel() and not _all_finite(t):
             raise GraphselError(f"'{name}' holds {int((~torch.isfinite(t)).sum())} NaN or infinite value(s): "
                                 f"verification cannot judge a model whose weights are not finite (every comparison "
                                 f"with NaN holds), and criteria such as L1 would rank on them. Fix the weights (or "
                                 f"pass check_finite=False to skip this check).")
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """One reduction instead of a boolean tensor as large as ``t``: min and max propagate NaN,
+    and are finite exactly when every element is."""
+    lo, hi = torch.aminmax(t.detach())
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def _check_finite_outputs(reference: list[list[torch.Tensor]]) -> None:
