@@ -22,8 +22,9 @@ the timeout given to ``init_process_group`` — raises :class:`~graphsel.errors.
 naming what graphsel was doing, the collective and the rank, instead of torch's bare RuntimeError.
 
 For training loops: :func:`assert_replicas_equal` (every rank holds bit-identical parameters and
-buffers; names the first that differs) and :func:`rewrap` (what a ``DistributedDataParallel``
-wrapper needs after its module was rewired in place).
+buffers; names the first that differs), :func:`rewrap` (what a ``DistributedDataParallel``
+wrapper needs after its module was rewired in place) and :func:`sync_buffers` (rank 0's buffers
+on every rank, for FSDP2 or a hand-made loop).
 """
 from __future__ import annotations
 
@@ -266,6 +267,14 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def sync_buffers(model: nn.Module, group: Any = None) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics, rewiring state), as DDP does before
+    each forward: for FSDP2 (which leaves buffers to each rank) or a hand-made loop, before an
+    evaluation or a checkpoint. Without a group it does nothing."""
+    g = resolve_group(group)
+    broadcast_tensors([b for b in unwrap(model).buffers() if not is_sharded(b)], g, what="sync_buffers")
+
+
 def _digest(t: torch.Tensor) -> str:
     data = t.detach().cpu().contiguous().reshape(-1)
     return hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
@@ -443,7 +452,7 @@ def rewrap(ddp: nn.parallel.DistributedDataParallel, optimizer: torch.optim.Opti
     notes = _update_optimizer(optimizer, module, added) if optimizer is not None and (added or dropped) else []
     if not added and not dropped and not rebuild and not overrides:
         broadcast_tensors([b for n, b in module.named_buffers() if n not in ddp.parameters_to_ignore],
-                          ddp.process_group, what="rewrap")
+                          resolve_group(ddp.process_group), what="rewrap")
         return Rewrap(ddp, False, optimizer=notes)
     settings = _settings(ddp) | overrides
     if hasattr(ddp, "_remove_autograd_hooks"):

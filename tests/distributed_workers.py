@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 
 def launch(scenario: str, folder: Path, world: int = 2, *, deadline_s: float = 150.0, pg_timeout_s: float = 30.0,
-           **kwargs: Any) -> list[Any]:
-    """Run ``scenario(rank, world, **kwargs)`` on ``world`` processes; returns each rank's result."""
+           dying: tuple[int, ...] = (), **kwargs: Any) -> list[Any]:
+    """Run ``scenario(rank, world, **kwargs)`` on ``world`` processes; returns each rank's result
+    (None for the ``dying`` ranks, which the scenario ends on purpose)."""
     folder = Path(folder) / scenario
     folder.mkdir(parents=True)
     ctx = mp.get_context("spawn")
@@ -45,7 +46,8 @@ def launch(scenario: str, folder: Path, world: int = 2, *, deadline_s: float = 1
             p.kill()
             p.join(10)
     errors = {r: (folder / f"rank{r}.err").read_text() for r in range(world) if (folder / f"rank{r}.err").exists()}
-    missing = [r for r in range(world) if r not in hung and r not in errors and not (folder / f"rank{r}.pt").exists()]
+    missing = [r for r in range(world) if r not in hung and r not in errors and r not in dying
+               and not (folder / f"rank{r}.pt").exists()]
     if hung or errors or missing:
         lines = [f"scenario {scenario!r} on {world} processes:"]
         if hung:
@@ -54,7 +56,32 @@ def launch(scenario: str, folder: Path, world: int = 2, *, deadline_s: float = 1
             lines.append(f"ranks {missing} exited (codes {[procs[r].exitcode for r in missing]}) without a result")
         lines += [f"--- rank {r} raised:\n{text}" for r, text in sorted(errors.items())]
         raise AssertionError("\n".join(lines))
-    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    return [None if r in dying else torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def launch_once(scenario: str, root: Path, **kwargs: Any) -> list[Any]:
+    """:func:`launch`, once per test session even across pytest-xdist workers that share ``root``:
+    the first caller runs it and leaves its results (or its failure) there; the others wait."""
+    root = Path(root)
+    done, failed, saved = (root / f"{scenario}.{x}" for x in ("done", "failed", "results.pt"))
+    try:
+        os.close(os.open(root / f"{scenario}.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        end = time.monotonic() + kwargs.get("deadline_s", 150.0) + 60
+        while not done.exists():
+            if time.monotonic() > end:
+                raise AssertionError(f"waited in vain for another test worker's launch of {scenario!r} ({root})")
+            time.sleep(0.2)
+    else:
+        try:
+            torch.save(launch(scenario, root, **kwargs), saved)
+        except AssertionError as e:
+            failed.write_text(str(e))
+        finally:
+            done.touch()
+    if failed.exists():
+        raise AssertionError(failed.read_text())
+    return torch.load(saved, weights_only=True)
 
 
 def _main(scenario: str, rank: int, world: int, folder: str, pg_timeout_s: float, kwargs: dict) -> None:
@@ -66,6 +93,8 @@ def _main(scenario: str, rank: int, world: int, folder: str, pg_timeout_s: float
                                 timeout=datetime.timedelta(seconds=pg_timeout_s))
         result = globals()[scenario](rank, world, **kwargs)
         torch.save(result, Path(folder) / f"rank{rank}.pt")
+    except SystemExit:                       # a rank that a scenario ends on purpose
+        raise
     except BaseException:
         (Path(folder) / f"rank{rank}.err").write_text(traceback.format_exc())
         os._exit(1)          # no teardown: the other ranks may be stuck in a collective
@@ -113,9 +142,9 @@ def concatenated(per_rank: list[list]) -> list:
 def sconv_model() -> torch.fx.GraphModule:
     import graphsel
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 12, 1),
-                        nn.BatchNorm2d(12), nn.ReLU(), nn.Conv2d(12, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                        nn.Linear(8, 4))
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 12, 1, bias=False),
+                        nn.BatchNorm2d(12), nn.ReLU(), nn.Conv2d(12, 8, 1, bias=False), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 4))
     return graphsel.transform(net, [("insert_selective_conv", {"gamma": 0.2})], torch.randn(2, 3, 6, 6),
                               progress=False)
 
@@ -327,3 +356,138 @@ def bsn_(rank: int, world: int) -> dict:
     step = bsn_step(bsn.BudgetedTrainer(nn.parallel.DistributedDataParallel(bsn_model()), fraction=0.6),
                     *bsn_data(rank)[0], offset=4 * rank)
     return {"state": state(gm), "history": history, "step": step}
+
+
+# -- DistributedDataParallel after a rewiring (the README's example) -----------------------------
+
+def ddp_rewiring(rank: int, world: int) -> dict:
+    """Rewire the module inside DDP, then tell DDP: SConv's schedule with compensate=True gives the
+    convs new biases, which the wrapper built before does not know."""
+    from graphsel import distributed as gd
+    from graphsel.errors import DistributedError, ReplicaMismatchError
+    from graphsel.passes import selective_conv as sc
+    data = labelled(70 + rank, 2, 4, (3, 6, 6))
+    gm = sconv_model()
+    opt = torch.optim.SGD(sc.param_groups(gm), lr=0.1, momentum=0.9)
+    ddp = nn.parallel.DistributedDataParallel(gm)
+    out = {}
+    try:
+        sc.SelectiveSchedule(ddp, 3, compensate=True)             # given the wrapper, it refuses
+    except DistributedError as e:
+        out["refused"] = str(e)
+    schedule = sc.SelectiveSchedule(ddp.module, 3, compensate=True, optimizer=opt)   # biases appear
+    try:
+        gd.assert_replicas_equal(ddp)
+    except DistributedError as e:
+        out["stale"] = str(e)
+    first = gd.rewrap(ddp, opt)                                    # a new wrapper that knows them
+    ddp = first.model
+    out["first"] = {"rebuilt": first.rebuilt, "added": first.added, "optimizer": first.optimizer}
+    out["later"] = []
+    for epoch in range(3):
+        for x, y in data:
+            ce_step(ddp, opt, x, y)
+        schedule.on_epoch_end(epoch)                              # rank 0 decides, every rank applies
+        again = gd.rewrap(ddp, opt)                               # nothing new: buffers re-broadcast
+        ddp = again.model
+        out["later"].append(again.rebuilt)
+    gd.assert_replicas_equal(ddp)
+    gd.assert_replicas_equal(gm)                                  # buffers too: rewrap broadcast them
+    out["state"] = state(gm)
+    out["biases"] = [bool(m.conv.bias is not None and m.conv.bias.abs().sum() > 0) for _, m in sc.selective_modules(gm)]
+    with torch.no_grad():                                          # the check itself: one rank drifts
+        if rank == 1:
+            gm.get_parameter("6.conv.weight")[0, 0] += 1e-3
+    try:
+        gd.assert_replicas_equal(gm)
+    except ReplicaMismatchError as e:
+        out["mismatch"] = {"name": e.name, "ranks": e.ranks, "message": str(e)}
+    return out
+
+
+# -- FSDP2 ---------------------------------------------------------------------------------------
+
+def fsdp(rank: int, world: int) -> dict:
+    """A rewired SConv model (copies made before sharding) trained under fully_shard, against the
+    same steps under DDP; rewiring the sharded model is refused; DGC calibrates under fully_shard."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from graphsel.distributed import sync_buffers
+    from graphsel.errors import DistributedError
+    from graphsel.passes import dynamic_group_conv as dgc
+    from graphsel.passes import selective_conv as sc
+    mesh = init_device_mesh("cpu", (world,))
+    data = labelled(80 + rank, 3, 4, (3, 6, 6))
+    models = {}
+    for kind in ("ddp", "fsdp"):
+        gm = sconv_model()
+        sc.dealloc(gm, gamma=0.5)
+        sc.realloc(gm)                                             # rewire the full model, then shard
+        wrapped = nn.parallel.DistributedDataParallel(gm) if kind == "ddp" else fully_shard(gm, mesh=mesh)
+        opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+        for x, y in data:
+            ce_step(wrapped, opt, x, y)
+        models[kind] = gm
+    out = {"copies": sum(a.copies for a in sc.allocation(models["fsdp"]))}
+    try:
+        sc.dealloc(models["fsdp"])
+    except DistributedError as e:
+        out["refused"] = str(e)
+    full = {n: p.full_tensor() for n, p in models["fsdp"].named_parameters()}
+    out["gap"] = max((full[n] - p).abs().max().item() for n, p in models["ddp"].named_parameters())
+    out["full"] = full
+    out["buffers"] = {n: b.clone() for n, b in models["fsdp"].named_buffers()}
+    sync_buffers(models["fsdp"])
+    out["synced"] = {n: b.clone() for n, b in models["fsdp"].named_buffers()}
+    sharded = fully_shard(dgc_model(), mesh=mesh)
+    out["t_data"] = dgc.calibrate_global_threshold(sharded, dgc_data(rank), ratio=0.5, refine=2)
+    return out
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+def failures(rank: int, world: int, silent_s: float = 6.0, timeout_s: float = 2.0) -> dict:
+    """Rank 1 stays silent for ``silent_s`` seconds, then exits without a word. Rank 0 meanwhile
+    calls SConv's dealloc on a group with a ``timeout_s`` timeout (a peer that does not answer),
+    then the schedule's epoch end on the default group (a peer that dies)."""
+    import torch.distributed as dist
+    from graphsel.errors import DistributedError
+    from graphsel.passes import selective_conv as sc
+    short = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    gm = sconv_model()
+    schedule = sc.SelectiveSchedule(gm, 2)
+    if rank == 1:
+        time.sleep(silent_s)
+        raise SystemExit(0)                  # gone, without a word (and without closing the group)
+    out = {}
+    for case, call in (("timeout", lambda: sc.dealloc(gm, process_group=short)),
+                       ("died", lambda: schedule.on_epoch_end(0))):
+        t0 = time.monotonic()
+        try:
+            call()
+            out[case] = {"raised": None}
+        except DistributedError as e:
+            out[case] = {"raised": type(e).__name__, "message": str(e), "collective": e.collective, "rank": e.rank,
+                         "world_size": e.world_size, "seconds": time.monotonic() - t0}
+    return out
+
+
+# -- every method in one launch (process start-up is most of a launch's time) ---------------------
+
+METHODS = ("sconv", "ddp_rewiring", "dgc_", "dcp_", "bsn_", "fsdp")
+
+
+def methods(rank: int, world: int) -> dict:
+    """Run the scenarios of :data:`METHODS` in turn; one that raises is recorded with its traceback
+    and the later ones are not run (the ranks' collectives would no longer match)."""
+    out: dict[str, Any] = {}
+    for name in METHODS:
+        failed = next((k for k, v in out.items() if "error" in v), None)
+        if failed:
+            out[name] = {"error": f"not run: scenario {failed!r} failed first"}
+            continue
+        try:
+            out[name] = globals()[name](rank, world)
+        except Exception:
+            out[name] = {"error": traceback.format_exc()}
+    return out

@@ -12,6 +12,8 @@ ordinary, unchanged code path.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -23,6 +25,24 @@ import distributed_workers as W
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with the gloo backend is not available")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> list[dict]:
+    """Every method's scenario on two ranks, launched once for the session (W.METHODS)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent                          # shared by this session's workers
+    return W.launch_once("methods", root)
+
+
+def ranks(runs: list[dict], scenario: str) -> list[dict]:
+    """Each rank's result of ``scenario``; fails with the ranks' tracebacks when it raised."""
+    results = [r[scenario] for r in runs]
+    errors = [f"--- rank {i}:\n{r['error']}" for i, r in enumerate(results) if "error" in r]
+    if errors:
+        pytest.fail(f"scenario {scenario!r} failed:\n" + "\n".join(errors), pytrace=False)
+    return results
 
 
 def same_state(a: dict, b: dict) -> list[str]:
@@ -78,11 +98,11 @@ def test_sconv_single_process_forward_leaves_unused_shifts_without_gradient():
 
 # -- SConv ---------------------------------------------------------------------------------------
 
-def test_sconv_ranks_rewire_identically_under_ddp_defaults(tmp_path):
+def test_sconv_ranks_rewire_identically_under_ddp_defaults(runs):
     """DDP with find_unused_parameters=False trains through epochs without copies (every shift
     takes part) and through the schedule's dealloc/realloc with seed=None and module-level
     realloc(gm) with the global generator, each rank seeded differently: rank 0 decides."""
-    a, b = W.launch("sconv", tmp_path)
+    a, b = ranks(runs, "sconv")
     assert a["losses"] != b["losses"]                               # the ranks saw different data
     assert same_state(a["state"], b["state"]) == []                 # parameters, buffers, slots, shifts
     assert a["records"] == b["records"] and a["closed"] == b["closed"] and a["copies"] == b["copies"]
@@ -92,13 +112,45 @@ def test_sconv_ranks_rewire_identically_under_ddp_defaults(tmp_path):
     assert a["alone_shifts"] != b["alone_shifts"]                   # the control: each rank's own draws differ
 
 
+def test_rewiring_inside_ddp_then_rewrap_and_the_replica_check(runs):
+    """The README's order: SelectiveSchedule(compensate=True) refuses the DDP wrapper; built on the
+    module it adds conv biases, which assert_replicas_equal reports as unknown to the stale wrapper;
+    rewrap builds a new one (the optimizer already had them) and, once nothing is new, keeps it and
+    re-broadcasts the buffers. A parameter changed on one rank is named by the check on every rank."""
+    a, b = ranks(runs, "ddp_rewiring")
+    for r in (a, b):
+        assert "compensate=True gives 2 convolution(s) a new bias" in r["refused"] and "rewrap" in r["refused"]
+        assert "stale: 2 parameter(s) it was not built with (3.conv.bias, 6.conv.bias)" in r["stale"]
+        assert r["first"]["rebuilt"] and r["first"]["added"] == ["3.conv.bias", "6.conv.bias"]
+        assert all("already in parameter group" in note for note in r["first"]["optimizer"])
+        assert r["later"] == [False, False, False] and r["biases"] == [True, True]     # compensation ran
+        assert r["mismatch"]["name"] == "6.conv.weight" and r["mismatch"]["ranks"] == [1]
+        assert "parameter '6.conv.weight'" in r["mismatch"]["message"] and "max |difference| 0.001" in \
+            r["mismatch"]["message"]
+    assert same_state(a["state"], b["state"]) == []
+
+
+def test_fsdp2_trains_a_rewired_model_and_refuses_to_rewire_a_sharded_one(runs):
+    """fully_shard (FSDP2) on CPU with gloo: an SConv model rewired before sharding trains exactly as
+    under DDP; dealloc on the sharded model is a clear error; DGC's calibration through the sharded
+    model gives the union threshold; buffers are each rank's own until sync_buffers."""
+    a, b = ranks(runs, "fsdp")
+    union = W.dgc_calibration(W.dgc_model(), W.dgc_data(0) + W.dgc_data(1))
+    for r in (a, b):
+        assert r["copies"] > 0 and r["gap"] == 0.0
+        assert "sharded (FSDP2 fully_shard)" in r["refused"] and "before sharding" in r["refused"]
+        assert r["t_data"] == union["t_data"]
+    assert same_state(a["full"], b["full"]) == []
+    assert same_state(a["buffers"], b["buffers"]) != [] and same_state(a["synced"], b["synced"]) == []
+
+
 # -- DGC -----------------------------------------------------------------------------------------
 
-def test_dgc_global_threshold_is_the_union_threshold_on_every_rank(tmp_path):
+def test_dgc_global_threshold_is_the_union_threshold_on_every_rank(runs):
     """Calibrated from data or from a library on two ranks with different data (and batch sizes):
     the same T on both, bit for bit the single-process T of the union; then DGCTraining's
     calibrations inside DDP keep the replicas identical."""
-    a, b = W.launch("dgc_", tmp_path)
+    a, b = ranks(runs, "dgc_")
     union = W.dgc_calibration(W.dgc_model(), W.dgc_data(0) + W.dgc_data(1))
     alone = W.dgc_calibration(W.dgc_model(), W.dgc_data(0))
     for key in ("t_data", "t_lib", "rates"):
@@ -112,11 +164,11 @@ def test_dgc_global_threshold_is_the_union_threshold_on_every_rank(tmp_path):
 
 # -- DCP -----------------------------------------------------------------------------------------
 
-def test_dcp_selection_on_two_ranks_is_one_process_on_the_concatenated_batches(tmp_path):
+def test_dcp_selection_on_two_ranks_is_one_process_on_the_concatenated_batches(runs):
     """The dcp pass (head fitting, greedy selection, masked SGD) with each rank's own batches:
     the same channels, weights and heads on both ranks, equal to one process whose batch i is the
     ranks' batches i concatenated; phase 1 fine-tuning (both modes) keeps the replicas identical."""
-    a, b = W.launch("dcp_", tmp_path)
+    a, b = ranks(runs, "dcp_")
     union = W.dcp_selection(W.concatenated([W.dcp_data(0), W.dcp_data(1)]))
     assert a["order"] == b["order"] == union["order"]
     assert all(len(kept) for kept in a["order"].values())
@@ -132,13 +184,13 @@ def test_dcp_selection_on_two_ranks_is_one_process_on_the_concatenated_batches(t
 
 # -- BSN -----------------------------------------------------------------------------------------
 
-def test_bsn_baseline_is_the_global_batch_mean_and_ddp_defaults_train(tmp_path):
+def test_bsn_baseline_is_the_global_batch_mean_and_ddp_defaults_train(runs):
     """BudgetedTrainer around DDP (default settings) through a warm-up epoch, where no logit is in
     the loss, and a sampling epoch with each rank's own draws: identical replicas and epoch
     records. With the same architecture per sample (fixed draws), the baseline, the gate
     statistics and the gradients of two ranks equal one process's on the concatenated batch."""
     from graphsel.passes import bsn
-    a, b = W.launch("bsn_", tmp_path)
+    a, b = ranks(runs, "bsn_")
     assert same_state(a["state"], b["state"]) == []
     assert a["history"] == b["history"] and [h["sampling"] for h in a["history"]] == [False, True]
     x, y = W.concatenated([W.bsn_data(0), W.bsn_data(1)])[0]
@@ -150,3 +202,20 @@ def test_bsn_baseline_is_the_global_batch_mean_and_ddp_defaults_train(tmp_path):
         assert step["grads"].keys() == one["grads"].keys()
         for k, g in one["grads"].items():
             assert torch.allclose(step["grads"][k], g, rtol=1e-5, atol=1e-7), k
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+def test_a_silent_or_dead_rank_is_a_clear_error_within_the_timeout(tmp_path):
+    """Rank 1 says nothing for 6 s, then exits. Rank 0's dealloc on a group with a 2 s timeout and
+    then its schedule step on the default group end with DistributedError naming the call, the
+    collective and the rank: no hang."""
+    a, _ = W.launch("failures", tmp_path, dying=(1,), deadline_s=120)
+    timeout, died = a["timeout"], a["died"]
+    for case in (timeout, died):
+        assert case["raised"] == "DistributedError"
+        assert (case["rank"], case["world_size"]) == (0, 2) and case["collective"] == "broadcast_object_list from rank 0"
+        assert "dealloc of '3': broadcast_object_list from rank 0 failed on rank 0 of 2" in case["message"]
+        assert case["seconds"] < 60
+    assert "did not answer within the process group's timeout" in timeout["message"] and timeout["seconds"] >= 1.9
+    assert "a peer closed its connection (it exited or crashed)" in died["message"]
