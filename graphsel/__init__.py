@@ -8,7 +8,10 @@ in layers (the README's Architecture section): ``ir`` (tracing, copying, shapes)
 them.
 """
 from graphsel.version import __version__
-from graphsel.errors import ExampleInputError, FunctionChangedError, GraphselError, MaskError, PassError, TraceError
+from graphsel.errors import (DistributedError, ExampleInputError, FunctionChangedError, GraphselError, MaskError,
+                             PassError, ReplicaMismatchError, TraceError)
+from graphsel import distributed
+from graphsel.distributed import assert_replicas_equal
 from graphsel.ir.meta import GraphselMeta, graphsel_meta
 from graphsel.ir.tracing import register_leaf_module, trace
 from graphsel.ops import OpSpec, register_op
@@ -44,7 +47,10 @@ __all__ = [
     # deploy
     "export", "ExportResult", "load_model", "save", "benchmark_runtimes", "RuntimeTable", "LatencyTable",
     "RuntimeUnavailable",
+    # torch.distributed (graphsel.distributed holds the rest)
+    "distributed", "assert_replicas_equal",
     # errors and metadata
     "GraphselError", "TraceError", "PassError", "FunctionChangedError", "MaskError", "ExampleInputError",
-    "ExportError", "ModelSpecError", "UntrustedFileError", "CheckpointError", "GraphselMeta", "graphsel_meta", "__version__",
+    "ExportError", "ModelSpecError", "UntrustedFileError", "CheckpointError", "DistributedError",
+    "ReplicaMismatchError", "GraphselMeta", "graphsel_meta", "__version__",
 ]
