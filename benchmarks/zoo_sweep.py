@@ -720,6 +720,7 @@ def main(argv=None) -> dict:
     _quiet()
     zoos = tuple(z for z in ZOOS if not args.only or z in args.only)
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    common.set_threads(threads)               # the environment line then names the workers' thread count
     path = results_path(args)
     old = json.loads(path.read_text()) if path.exists() else None
 
