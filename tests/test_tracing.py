@@ -225,6 +225,18 @@ def test_value_dependent_submodules_are_auto_leafed_even_with_example_inputs():
     assert_same_function(model, gm, x)
 
 
+class _OutOfMemoryBlock(nn.Module):
+    def forward(self, x):
+        raise MemoryError("simulated: no memory left while tracing")
+
+
+def test_memory_errors_while_tracing_propagate_instead_of_leafing_the_module():
+    """Auto-leafing is for code torch.fx cannot follow; running out of memory is not such code."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _OutOfMemoryBlock()).eval()
+    with pytest.raises(MemoryError, match="simulated"):
+        graphsel.trace(model)
+
+
 def test_root_level_failure_names_path_line_and_remedy():
     class RootBranch(nn.Module):
         def __init__(self):

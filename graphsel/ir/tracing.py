@@ -382,6 +382,8 @@ def _trace_with_auto_leafing(model: nn.Module, leaf_types: list, leaf_paths: lis
                                              example_inputs=specialize)
                 graph = strip_shim(tracer.trace(shim_root(work, len(specialize), concrete_args or {})))
             break
+        except MemoryError:
+            raise                 # not a tracing failure: leafing the module would hide it
         except Exception as e:  # noqa: BLE001
             stack = [p[len(SHIM_PREFIX) + 1:] if specialize is not None else p for p in tracer.failure_stack or []
                      if specialize is None or p.startswith(SHIM_PREFIX + ".")]
