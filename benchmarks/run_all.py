@@ -7,7 +7,8 @@ convolution's ``sconv_*``, the core's ``core_timings``, and any added later). Ea
 (timings must not overlap), and writes its JSON + Markdown to ``benchmarks/results/``. A failing
 script does not stop the others; the exit status is non-zero when any failed.
 
-Run: ``python -m benchmarks.run_all`` (full: an hour or more; run it on a quiet machine),
+Run: ``python -m benchmarks.run_all`` (full: most of a day on 2 cores — the method benchmarks about
+an hour each, the third-party zoo sweep about three hours; run it on a quiet machine),
 ``--quick`` (passes ``--quick`` to every script: smoke tests), ``--only prune_speed dgc_latency``
 or ``--skip prune_coverage``, ``--list`` to see the scripts.
 """
@@ -24,7 +25,7 @@ ROOT = HERE.parent
 NOT_BENCHMARKS = {"__init__", "common", "run_all", "train"}
 # Cheap, foundational measurements first; the long zoo sweep last.
 FIRST = ("core_timings",)
-LAST = ("prune_coverage",)
+LAST = ("prune_coverage", "zoo_sweep")
 
 
 def scripts() -> list[str]:
