@@ -28,12 +28,21 @@ Run: ``python -m benchmarks.sconv_fashion_mnist`` (full, ≈ 20 min on 2 cores) 
 test, about a minute). Writes ``benchmarks/results/sconv_fashion_mnist{,_quick}.{json,md}`` and
 ``..._allocation.png``. ``--compile`` also times the training step under ``torch.compile`` (inductor;
 several minutes of compilation on CPU).
+
+Distributed: ``OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 -m benchmarks.sconv_fashion_mnist --quick
+--threads 1`` trains both models inside DistributedDataParallel (default settings, gloo on the CPU):
+each rank takes its share of every global batch of ``--batch-size`` (a DistributedSampler), the
+schedule is the single-process one (rank 0's dealloc/realloc decisions, broadcast), the epoch
+statistics are over every rank, and at the end every rank checks that its parameters are
+bit-identical to rank 0's (``graphsel.assert_replicas_equal``). Rank 0 then evaluates, exports and
+writes ``sconv_fashion_mnist[_quick]_ddp<N>.{json,md}``.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import math
+import os
 import statistics
 import sys
 import time
@@ -43,10 +52,12 @@ if __package__ in (None, ""):                       # run as a script: make `ben
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import graphsel
+from graphsel import distributed as gd
 from benchmarks.common import (RESULTS, environment, environment_line, human, measure, result_stem, set_threads,
                                table, write_results)
 from benchmarks.train import augment, sgd_step
@@ -71,7 +82,8 @@ def scaled_gamma(calls: int) -> float:
 
 def would_close(sconv, gamma: float) -> int:
     """Slots dealloc would close now at ``gamma`` (on copies; the model is not changed)."""
-    return sum(len(sc.dealloc_layer(copy.deepcopy(m), gamma=gamma).closed) for _, m in sc.selective_modules(sconv))
+    with gd.local():                  # a what-if on copies, the same on every rank: no collective
+        return sum(len(sc.dealloc_layer(copy.deepcopy(m), gamma=gamma).closed) for _, m in sc.selective_modules(sconv))
 
 
 def build_models(args) -> tuple[nn.Module, torch.fx.GraphModule]:
@@ -125,24 +137,32 @@ def train(args, train_set: TensorDataset, test_loader: DataLoader) -> dict:
     base, sconv = build_models(args)
     models = {"baseline": base, "sconv": sconv}
     opts = {k: make_optimizer(m, args) for k, m in models.items()}
-    steps_per_epoch = len(train_set) // args.batch_size
+    schedule = sc.SelectiveSchedule(sconv, args.epochs, optimizer=opts["sconv"], seed=args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    aug = torch.Generator().manual_seed(args.seed + 1 + args.rank)
+    if args.world > 1:                # each rank its share of every global batch; DDP with its defaults
+        steppers = {k: nn.parallel.DistributedDataParallel(m) for k, m in models.items()}
+        sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True)
+        loader = DataLoader(train_set, batch_size=args.batch_size // args.world, sampler=sampler, drop_last=True)
+    else:
+        steppers, sampler = models, None
+        loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=gen, drop_last=True)
+    steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
     lrs = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
            for k, o in opts.items()}
-    schedule = sc.SelectiveSchedule(sconv, args.epochs, optimizer=opts["sconv"], seed=args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    aug = torch.Generator().manual_seed(args.seed + 1)
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=gen, drop_last=True)
     step_times = {k: [] for k in models}
     log = []
     t_start = time.perf_counter()
     for epoch in range(args.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         stats = {k: {"loss": 0.0, "correct": 0, "seen": 0, "times": []} for k in models}
         for m in models.values():
             m.train()
         for x, y in loader:
             x = augment(x, aug)
-            for k, m in models.items():
+            for k, m in steppers.items():
                 t0 = time.perf_counter()
                 loss, out = sgd_step(m, opts[k], x, y)
                 dt = time.perf_counter() - t0
@@ -152,6 +172,9 @@ def train(args, train_set: TensorDataset, test_loader: DataLoader) -> dict:
                 s["loss"] += loss * len(y)
                 s["correct"] += int((out.argmax(1) == y).sum())
                 s["seen"] += len(y)
+        for k, s in stats.items():    # over every rank (nothing to do in one process)
+            s["loss"], s["correct"], s["seen"] = gd.sum_over([s["loss"], s["correct"], s["seen"]], gd.resolve_group(),
+                                                             what="the epoch statistics")
         paper_would_close = would_close(sconv, PAPER_GAMMA) if schedule.active(epoch) else None
         record = schedule.on_epoch_end(epoch)
         entry = {"epoch": epoch + 1, "seconds": time.perf_counter() - t_start}
@@ -174,6 +197,12 @@ def train(args, train_set: TensorDataset, test_loader: DataLoader) -> dict:
               + (f"dealloc {record.deallocated}, realloc {record.reallocated} | " if record else "")
               + f"copies {entry['copies']}, closed {entry['closed']} ({entry['seconds']:.0f} s)", flush=True)
     train_seconds = time.perf_counter() - t_start
+    if args.world > 1:                # every rank: parameters bit-identical to rank 0's (buffers: rank 0's own)
+        for k, m in steppers.items():
+            graphsel.assert_replicas_equal(m)
+        n = sum(1 for m in models.values() for _ in m.parameters())
+        print(f"replicas checked: the {n} parameters of both models are bit-identical on the {args.world} ranks",
+              flush=True)
     return {"models": models, "schedule": schedule, "log": log, "train_seconds": train_seconds,
             "step_times": step_times, "steps_per_epoch": steps_per_epoch}
 
@@ -285,7 +314,10 @@ def markdown(res: dict) -> str:
              f"(shifts {a['shift_weight_decay']}), translation ±4 px + flip; dealloc → realloc after epochs "
              f"1–{res['schedule_epochs']}; γ = {a['gamma']:.4g} ({a['gamma_reason']}). Test: {a['test_samples']} images. "
              f"Training took "
-             f"{res['train_seconds']:.0f} s for both models.", "",
+             f"{res['train_seconds']:.0f} s for both models"
+             + (f", on {a['world']} processes (torchrun; DistributedDataParallel with gloo, each process "
+                f"{a['batch_size'] // a['world']} samples of every batch; parameters bit-identical on every rank at "
+                f"the end)" if a.get("world", 1) > 1 else "") + ".", "",
              "## Accuracy and size", ""]
     c = res["cost"]
     rows = [["baseline", f"{100 * acc['baseline']:.2f}", f"{100 * (1 - acc['baseline']):.2f}", human(c["baseline"]["params"]),
@@ -373,8 +405,23 @@ def parse(argv=None):
     return a
 
 
+def init_distributed(args) -> None:
+    """Under torchrun (``WORLD_SIZE`` > 1): a gloo process group, ``args.rank`` / ``args.world``, and
+    only rank 0 prints. Otherwise one process (rank 0 of 1)."""
+    args.world = int(os.environ.get("WORLD_SIZE", "1"))
+    args.rank = 0
+    if args.world > 1:
+        if args.batch_size % args.world:
+            raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {args.world} processes")
+        dist.init_process_group("gloo")
+        args.rank = dist.get_rank()
+        if args.rank:
+            sys.stdout = open(os.devnull, "w")          # rank 0 reports for everyone
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
+    init_distributed(args)
     set_threads(args.threads)
     env = environment()
     t_all = time.perf_counter()
@@ -390,11 +437,18 @@ def main(argv=None) -> dict:
         n_train = max(args.batch_size, min(len(full_train), steps * args.batch_size))
         reason = (f"fits a {args.budget_min:g}-min budget: a baseline + SConv step pair took {pair:.2f} s in "
                   f"calibration")
+        n_train, reason = gd.broadcast_object((n_train, reason), gd.resolve_group(), what="the training-set size")
     train_set = TensorDataset(*full_train[:n_train])
-    print(f"training on {n_train} images ({reason}); testing on {len(test_set)}", flush=True)
+    print(f"training on {n_train} images ({reason}); testing on {len(test_set)}"
+          + (f"; {args.world} processes, {args.batch_size // args.world} samples of every batch each"
+             if args.world > 1 else ""), flush=True)
     test_loader = DataLoader(test_set, batch_size=256)
 
     run = train(args, train_set, test_loader)
+    if args.world > 1:                # the rest (evaluation, export, timings) is rank 0's, in one process
+        dist.destroy_process_group()
+        if args.rank:
+            return {}
     base, sconv = run["models"]["baseline"], run["models"]["sconv"]
     acc = {"baseline": evaluate(base, test_loader), "sconv": evaluate(sconv, test_loader)}
     example = (torch.randn(2, 1, 28, 28),)
@@ -426,7 +480,8 @@ def main(argv=None) -> dict:
           f"baseline {lat['1']['baseline']['min_ms']:.2f} ms", flush=True)
 
     layers = layer_table(sconv, run["schedule"])
-    stem = result_stem("sconv_fashion_mnist", args.quick)
+    name = "sconv_fashion_mnist" + (f"_ddp{args.world}" if args.world > 1 else "")
+    stem = result_stem(name, args.quick)
     plot_path = RESULTS / f"{stem}_allocation.png"
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(layers, run["log"], plot_path)
@@ -438,7 +493,7 @@ def main(argv=None) -> dict:
            "totals": totals, "log": run["log"], "train_seconds": run["train_seconds"],
            "schedule_epochs": sum(run["schedule"].active(e) for e in range(args.epochs)),
            "plot": plot_path.name, "wall_seconds": time.perf_counter() - t_all}
-    js, md = write_results("sconv_fashion_mnist", res, markdown(res), quick=args.quick)
+    js, md = write_results(name, res, markdown(res), quick=args.quick)
     print(f"wrote {js}, {md}, {plot_path} ({res['wall_seconds']:.0f} s)", flush=True)
     return res
 

@@ -103,7 +103,8 @@ def _main(scenario: str, rank: int, world: int, folder: str, pg_timeout_s: float
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and buffers (every one, persistent or not), detached copies."""
-    module = getattr(model, "module", model)
+    from graphsel.distributed import unwrap
+    module = unwrap(model)
     out = {f"param:{n}": p.detach().clone() for n, p in module.named_parameters()}
     out |= {f"buffer:{n}": b.detach().clone() for n, b in module.named_buffers()}
     return out
@@ -172,13 +173,14 @@ def sconv(rank: int, world: int) -> dict:
         alone_shifts = {p: m.shift[r.reallocated[0][0]].tolist() for (p, r), (_, m)
                         in zip(sc.realloc(alone).items(), sc.selective_modules(alone)) if r.reallocated}
     copies = {p: r.reallocated for p, r in sc.realloc(ddp.module).items()}
+    slots = {p: torch.stack([m.is_open, m.source.to(m.is_open.dtype)]) for p, m in sc.selective_modules(gm)}
     for x, y in data:
         losses.append(ce_step(ddp, opt, x, y))
     assert_replicas_equal(ddp)                    # parameters (DDP syncs buffers at its next forward)
     sync_buffers(ddp, data[0][0])
     assert_replicas_equal(gm)                     # and buffers
     return {"state": state(gm), "records": records, "closed": closed, "copies": copies, "losses": losses,
-            "alone_shifts": alone_shifts,
+            "alone_shifts": alone_shifts, "slots": slots,
             "allocation": [(a.path, a.own, a.copies, a.closed) for a in sc.allocation(gm)]}
 
 

@@ -107,6 +107,7 @@ def test_sconv_ranks_rewire_identically_under_ddp_defaults(runs):
     assert same_state(a["state"], b["state"]) == []                 # parameters, buffers, slots, shifts
     assert a["records"] == b["records"] and a["closed"] == b["closed"] and a["copies"] == b["copies"]
     assert a["allocation"] == b["allocation"]
+    assert all(torch.equal(a["slots"][p], b["slots"][p]) for p in a["slots"])   # before DDP's buffer broadcast
     assert sum(layer[2] for rec in a["records"] if rec for layer in rec) > 0     # the schedule re-allocated
     assert any(a["copies"].values())
     assert a["alone_shifts"] != b["alone_shifts"]                   # the control: each rank's own draws differ
