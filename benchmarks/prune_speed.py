@@ -10,9 +10,12 @@ construction is not timed (each Torch-Pruning run gets a fresh deep copy, untime
 the model's modules inside ``transform``, timed — with ``verify=False`` the copy shares the
 parameters until the end, when those still shared are cloned).
 
-graphsel is timed twice: ``verify=False`` (the compiler alone — the figure compared with
-Torch-Pruning) and ``verify=True`` (plus checking every pass against its reference: the mask
-oracle for ``materialize``). Stage times come from the pipeline's records (``trace``; ``prune``
+graphsel is timed three times: ``verify=False`` (the compiler alone — the figure compared with
+Torch-Pruning), ``verify=True`` (plus checking every pass against its reference on the example
+and two random inputs: the mask oracle for ``fold_masks`` and ``materialize``) and ``verify=True``
+with ``n_random_inputs=0`` (the example input only). The verified compiler's goal (issue 17): no
+slower than Torch-Pruning's unchecked run on every model. The forwards verification runs per pass
+are counted once per model (calls of the model's first convolution, by pass). Stage times come from the pipeline's records (``trace``; ``prune``
 includes the channel analysis, also timed on its own; ``pipeline_overhead`` = shape signatures,
 cost reports, invariant checks, recompiling, un-sharing parameters; with ``verify=True`` also a
 copy of the graph per pass and a shape propagation after materialize). The goal (issue 3): ≥ 10× faster than Torch-Pruning on
@@ -54,13 +57,46 @@ def goal_of(name: str) -> float:
     return GOAL.get(name, 1.0)
 
 
-def graphsel_run(model, example, args, verify: bool) -> dict[str, float]:
+def graphsel_run(model, example, args, verify: bool, n_random_inputs: int = 2) -> dict[str, float]:
+    import graphsel
     t0 = time.perf_counter()
-    gm = common.graphsel_prune(model, example, ratio=args.ratio, scope="uniform", verify=verify)
+    gm = graphsel.transform(model, common.prune_passes(args.ratio, None, "uniform"), example, verify=verify,
+                            progress=False, n_random_inputs=n_random_inputs)
     total = time.perf_counter() - t0
     times = common.graphsel_times(gm, total)
     del gm
     return times
+
+
+def verification_forwards(model, example, args) -> dict[str, int]:
+    """Forwards per phase of one verified run: calls of the model's first convolution (every
+    forward, plain, oracle or shape propagation, calls it once), by the pass that ran them."""
+    import torch.nn as nn
+    from graphsel.pipeline import phases
+
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    shape = tuple(first.weight.shape[1:])                 # (its outputs may be pruned; its inputs are the image)
+    calls = {"n": 0}
+    per: dict[str, int] = {}
+    orig_conv, orig_run = nn.Conv2d._conv_forward, phases.run_pass
+
+    def conv(self, x, w, b):
+        if tuple(w.shape[1:]) == shape and x.shape[1] == first.in_channels:
+            calls["n"] += 1
+        return orig_conv(self, x, w, b)
+
+    def run_pass(p, *a, **k):
+        before = calls["n"]
+        try:
+            return orig_run(p, *a, **k)
+        finally:
+            per[p.name] = per.get(p.name, 0) + calls["n"] - before
+    nn.Conv2d._conv_forward, phases.run_pass = conv, run_pass
+    try:
+        graphsel_run(model, example, args, verify=True)
+    finally:
+        nn.Conv2d._conv_forward, phases.run_pass = orig_conv, orig_run
+    return {"trace": calls["n"] - sum(per.values()), **per}
 
 
 def analysis_seconds(model, example) -> float:
@@ -148,20 +184,27 @@ def run_model(name: str, args) -> dict[str, Any]:
             gc.collect()
     rec["graphsel"] = {"median": medians(gs), "runs": gs}
     rec["graphsel"]["median"]["analysis_alone"] = analysis_seconds(model, example)
-    gv = []
+    gv, gv0 = [], []
     try:
         for _ in range(args.verify_repeats):
             gv.append(graphsel_run(model, example, args, verify=True))
             gc.collect()
+            gv0.append(graphsel_run(model, example, args, verify=True, n_random_inputs=0))
+            gc.collect()
         rec["graphsel_verified"] = {"median": medians(gv), "runs": gv}
+        rec["graphsel_verified_example_only"] = {"median": medians(gv0), "runs": gv0}
+        rec["verification_forwards"] = verification_forwards(model, example, args)
     except Exception as e:  # noqa: BLE001
         rec["graphsel_verified"] = {"error": common.error_record(e, frames=12)}
+        rec["graphsel_verified_example_only"] = {"error": rec["graphsel_verified"]["error"]}
     if tp:
         rec["torch_pruning"] = {"median": medians(tp), "runs": tp}
         t_tp = rec["torch_pruning"]["median"]["total"]
         rec["speedup"] = t_tp / rec["graphsel"]["median"]["total"]
         if gv:
             rec["speedup_verified"] = t_tp / rec["graphsel_verified"]["median"]["total"]
+            rec["speedup_verified_example_only"] = t_tp / rec["graphsel_verified_example_only"]["median"]["total"]
+            rec["verified_no_slower"] = rec["speedup_verified"] >= 1.0
         rec["goal"] = goal_of(name)
         rec["meets_goal"] = rec["speedup"] >= rec["goal"]
     else:
@@ -182,23 +225,33 @@ def markdown(results: dict) -> str:
              f"{cfg['size']}² input, batch 1; L1 criterion, per-layer ratio, same process, runs alternating. "
              "graphsel = trace + channel analysis + prune + fold_masks + materialize (`transform(..., verify=False)`, "
              "including its copy of the model); Torch-Pruning = `DependencyGraph` build (pruner construction) + "
-             "`pruner.step()`. *speed-up* = TP / graphsel (goal: ≥ 10× on densenet201, ≥ 1× everywhere).", "",
+             "`pruner.step()`. *speed-up* = TP / graphsel (goal: ≥ 10× on densenet201, ≥ 1× everywhere); "
+             "*verified*: the same with `verify=True` (example + 2 random inputs; goal: ≥ 1× everywhere, ✅/❌) and "
+             "with `n_random_inputs=0` (example input only). *forwards*: per pass, the forwards verification ran "
+             "(trace / prune / fold_masks / materialize).", "",
              common.environment_line(env), ""]
     rows = []
     for r in results["models"]:
         g, t = r["graphsel"]["median"], r["torch_pruning"].get("median")
         gv = r["graphsel_verified"].get("median")
+        gv0 = r.get("graphsel_verified_example_only", {}).get("median")
+        fw = r.get("verification_forwards")
         rows.append([
             r["model"], common.human(r["params"]),
             f"{g['total']:.2f}", f"{gv['total']:.2f}" if gv else "error",
             f"{t['build']:.2f}" if t else "—", f"{t['prune']:.2f}" if t else "—", f"{t['total']:.2f}" if t else
             "error: " + common.short_error(r["torch_pruning"]["error"], 60),
             f"×{r['speedup']:.1f}" if "speedup" in r else "—",
-            f"×{r['speedup_verified']:.1f}" if "speedup_verified" in r else "—",
+            (f"×{r['speedup_verified']:.2f}" + (" ✅" if r["verified_no_slower"] else " ❌"))
+            if "speedup_verified" in r else "—",
+            f"{gv0['total']:.2f} (×{r['speedup_verified_example_only']:.2f})" if gv0 and
+            "speedup_verified_example_only" in r else "—",
+            " / ".join(str(v) for v in fw.values()) if fw else "—",
             (("✅" if r["meets_goal"] else "❌") + f" ≥ ×{r['goal']:g}") if "meets_goal" in r else "—",
         ])
     lines.append(common.table(rows, ["model", "params", "graphsel s", "graphsel + verify s", "TP build s",
-                                     "TP prune s", "TP s", "speed-up", "speed-up (graphsel verified)", "goal"]))
+                                     "TP prune s", "TP s", "speed-up", "speed-up (graphsel verified)",
+                                     "verified, example input only s (speed-up)", "forwards", "goal"]))
     lines += ["", "## graphsel stages (median seconds, verify=False; verify column from the verified runs)", ""]
     stage_rows = []
     for r in results["models"]:

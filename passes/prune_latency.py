@@ -12,7 +12,8 @@ runtime the model will be deployed on, measured rather than counted in MACs.
    for wide layers) with the other side at full width, once per (operator shape, width), on the
    runtime (:class:`graphsel.analysis.latency.LatencyTable`, cached on disk). A layer's latency at
    widths (i, o) is estimated as ``t(I, O) · t(i, O)/t(I, O) · t(I, o)/t(I, O)`` (separable: the
-   per-width efficiency of each side, e.g. multiples of 16 being fast, is kept). The model's
+   per-width efficiency of each side, e.g. multiples of 16 being fast, is kept; a width between
+   candidates, such as a concatenation's input, counts as the next wider candidate). The model's
    latency is estimated as its measured dense latency minus the table's savings.
 3. **Greedy.** Starting from the dense model, each step removes, from one group, the next
    lowest-scoring classes down to one of the next candidate widths (a window of at least four
@@ -53,6 +54,7 @@ from graphsel.pipeline.passbase import Diagnostic
 TOLERANCE = 0.10          # target met when |measured - target| <= 10 % of the target
 MAX_ATTEMPTS = 4          # allocations (each measured end to end), the first one included
 MIN_KEEP = 0.125          # every group keeps at least this fraction of its channels
+FINISH_BAND = 0.05        # the last step aims within 5 % of the estimate's target
 _TARGET_HELP = ("target_latency must be a fraction in (0, 1) of the dense model's latency measured on the runtime "
                 "(0.5: twice as fast) or milliseconds as a string such as '12ms'")
 
@@ -124,6 +126,14 @@ class _Side:
     cum: dict[int, np.ndarray]                 # group index -> positions among its first r removed classes
     grid: np.ndarray | None = None             # widths measured (ascending)
     ratio: np.ndarray | None = None            # latency at each width / latency at full width
+
+
+def _at(side: _Side, width: int) -> float:
+    """The side's latency ratio at ``width``: measured on the grid; between grid widths (a
+    concatenation's input, a sum over groups) that of the next wider grid width, as kernels
+    process channels in blocks."""
+    i = min(int(np.searchsorted(side.grid, width, side="left")), len(side.grid) - 1)
+    return float(side.ratio[i])
 
 
 @dataclass
@@ -252,7 +262,7 @@ class LatencyAllocator:
         for side in self.sides[li].values():
             if side.grid is None:
                 continue
-            t *= float(np.interp(self._width(side, r), side.grid, side.ratio))
+            t *= _at(side, self._width(side, r))
         return t
 
     def estimate(self, r: dict[int, int]) -> float:
@@ -289,6 +299,35 @@ class LatencyAllocator:
                 best = (ratio, r2, saved, new)
         return best
 
+    def _finish(self, r: dict[int, int], cur: list[float], est: float, target_ms: float):
+        """The last step. Per group, the narrowest removal that brings the estimate to the target;
+        of those landing within ``FINISH_BAND`` below the target, the one losing least importance,
+        else the one overshooting least. Returns ``(group, r, saved, new layer times)``, or None to
+        stop where we are: just above the target and closer to it than any such move."""
+        moves = []
+        for gi in self.groups:
+            size, rg = self.groups[gi].size, r[gi]
+            for k in reversed(self.group_grid(gi)):
+                r2 = size - k
+                if r2 <= rg:
+                    continue
+                if r2 > self.rmax[gi]:
+                    break
+                trial = dict(r)
+                trial[gi] = r2
+                new = {li: self.layer_ms(li, trial) for li in self.layers_of[gi]}
+                saved = sum(cur[li] - t for li, t in new.items())
+                if est - saved <= target_ms:
+                    moves.append((self.imp[gi][r2] - self.imp[gi][rg], est - saved, gi, r2, saved, new))
+                    break
+        if not moves:
+            return None
+        close = [m for m in moves if m[1] >= target_ms * (1 - FINISH_BAND)]
+        best = min(close, key=lambda m: m[0]) if close else max(moves, key=lambda m: m[1])
+        if not close and est - target_ms < target_ms - best[1] and est <= target_ms * (1 + FINISH_BAND):
+            return None
+        return best[2:]
+
     def allocate(self, target_ms: float) -> Allocation:
         """Remove classes until the estimate is at most ``target_ms`` (or nothing saves time)."""
         r = {gi: 0 for gi in self.groups}
@@ -306,6 +345,12 @@ class LatencyAllocator:
                 break
             _, gi = min(cands)
             _, r2, saved, new = moves[gi]
+            if est - saved <= target_ms:
+                # the last step (the best ratio may overshoot by a whole window)
+                last = self._finish(r, cur, est, target_ms)
+                if last is None:
+                    break
+                gi, r2, saved, new = last
             r[gi] = r2
             for li, t in new.items():
                 cur[li] = t
@@ -315,11 +360,26 @@ class LatencyAllocator:
                 stale.update(self.groups_of[li])
         selection = {gi: self.order[gi][:rg].tolist() for gi, rg in r.items() if rg > 0}
         kept = {gi: self.groups[gi].size - rg for gi, rg in r.items()}
-        return Allocation(selection, self.base_ms + sum(cur), est <= target_ms, kept, steps)
+        est = self.base_ms + sum(cur)
+        return Allocation(selection, est, est <= target_ms * (1 + FINISH_BAND), kept, steps)
 
 
 # ================================================================================================
 # the pass's part: measure, allocate, build, measure, correct
+
+def _next_fraction(history: list[tuple[float, float, float]]) -> float | None:
+    """The estimate's next target (a fraction of the dense anchor) from the attempts so far:
+    ``(fraction tried, measured fraction, wanted fraction)``."""
+    fast = [h for h in history if h[1] < h[2]]                 # pruned too much: aim higher
+    slow = [h for h in history if h[1] > h[2]]                 # pruned too little: aim lower
+    if fast and slow:
+        lo, hi = max(h[0] for h in fast), min(h[0] for h in slow)
+        return math.sqrt(lo * hi) if lo < hi else None
+    f, got, want = history[-1]
+    if fast:
+        return min(0.999, max(h[0] for h in fast) * min(2.0, max(1.05, want / got)))
+    return min(h[0] for h in slow) * max(0.5, min(0.95, want / got))
+
 
 def _slim_copy(gm: fx.GraphModule, ctx: PassContext, a: ChannelAnalysis, removed: set[int], owner) -> fx.GraphModule:
     """A materialised copy of ``gm`` without the classes ``removed`` (``gm`` is not touched)."""
@@ -360,15 +420,20 @@ def latency_aware_selection(owner, gm: fx.GraphModule, ctx: PassContext, a: Chan
     if not alloc.layers:
         raise GraphselError("prune(target_latency=...): no conv or linear layer of a prunable group has a recorded "
                             "input shape, so there is nothing to time; use ratio= or target_macs= instead")
-    # Every attempt times the dense and the pruned model interleaved; the target and the error are
-    # taken relative to that attempt's dense time (a fraction target), so that drift and noise
-    # between measurements do not enter the correction. The estimate is anchored on the first
-    # dense measurement, and corrected in fractions of the dense latency.
+    # Every attempt times the dense and the pruned model interleaved; target and error are taken
+    # relative to that attempt's dense time (for a fraction target), so that drift between
+    # measurements does not enter. The estimate's target is a fraction f of the dense anchor; as
+    # the measured fraction grows with f, later attempts bracket the target (too fast: f grows,
+    # too slow: f shrinks; geometric bisection once bracketed).
     attempts: list[dict[str, Any]] = []
-    internal = (value * dense_ms) if kind == "fraction" else value
+    f = value if kind == "fraction" else value / dense_ms
+    tried: list[dict[int, list[int]]] = []
+    history: list[tuple[float, float, float]] = []          # (f, measured fraction, wanted fraction)
     best = None
     for i in range(MAX_ATTEMPTS):
+        internal = f * alloc.dense_ms
         res = alloc.allocate(internal)
+        tried.append(res.selection)
         selection = spare(res.selection)
         removed = {c for cs in selection.values() for c in cs}
         slim = _slim_copy(gm, ctx, a, removed, owner)
@@ -383,18 +448,16 @@ def latency_aware_selection(owner, gm: fx.GraphModule, ctx: PassContext, a: Chan
         attempts.append(rec)
         if best is None or abs(err) < abs(best[0]):
             best = (err, selection, res, measured, rec)
-        if abs(err) <= TOLERANCE or measured <= 0 or res.estimated_ms <= 0:
+        if abs(err) <= TOLERANCE or measured <= 0 or dense_i <= 0:
             break
-        if not res.reached and measured > target_i:
+        got, want = measured / dense_i, target_i / dense_i
+        if not res.reached and got > want:
             break                                      # nothing left that saves time
-        # in fractions of the dense latency: the estimate said res.estimated_ms / anchor, the clock says
-        # measured / dense_i; the anchor becomes the median dense time so far (robust to one bad run)
-        frac_est, frac_meas = res.estimated_ms / alloc.dense_ms, measured / dense_i
-        alloc.set_dense(statistics.median([r["dense_ms"] for r in attempts]))
-        nxt = min(alloc.dense_ms * (target_i / dense_i) * frac_est / frac_meas, alloc.dense_ms)
-        if abs(nxt - internal) <= 1e-6 * max(1.0, internal):
-            break
-        internal = nxt
+        history.append((f, got, want))
+        nxt = _next_fraction(history)
+        if nxt is None or alloc.allocate(nxt * alloc.dense_ms).selection in tried:
+            break                                      # no other model to try
+        f = nxt
     err, selection, res, measured, rec = best
     target_ms, dense_ms = rec["target_ms"], rec["dense_ms"]
     met = abs(err) <= TOLERANCE

@@ -336,3 +336,24 @@ def test_export_aoti_and_the_compiled_runtimes(tmp_path):
     assert res.max_abs_error is not None and res.max_abs_error <= res.tolerance
     table = graphsel.benchmark_runtimes(gm, runtimes=("eager", "inductor", "aoti"), repeats=2, warmup=1)
     assert all(r.ok for r in table.rows), str(table)
+
+
+def test_the_end_to_end_measurement_corrects_a_wrong_table(tmp_path):
+    """The clock disagrees with the table (fixed overhead, and every layer 1.7× slower in the
+    model than alone): the first allocation misses, the corrections bracket the target."""
+    sum_layers = _model_timer(additive)
+
+    def clock(model, inputs):
+        return 50.0 + 1.7 * sum_layers(model, inputs)
+    table = LatencyTable("eager", cache_dir=tmp_path, timer=additive, model_timer=clock, progress=False)
+    gm = graphsel.transform(ThreeConvs(128), [("prune", {"target_latency": 0.5, "runtime": table})], (X,), verify=False)
+    stats = graphsel_meta(gm).history[0].stats["latency"]
+    assert len(stats["attempts"]) > 1 and abs(stats["attempts"][0]["error"]) > 0.1
+    assert stats["target_met"], stats["attempts"]
+
+
+def test_next_fraction_brackets():
+    from graphsel.passes.prune_latency import _next_fraction
+    assert _next_fraction([(0.5, 0.3, 0.5)]) > 0.5                       # too fast: aim higher
+    assert _next_fraction([(0.5, 0.7, 0.5)]) < 0.5                       # too slow: aim lower
+    assert _next_fraction([(0.5, 0.3, 0.5), (0.8, 0.7, 0.5)]) == pytest.approx((0.5 * 0.8) ** 0.5)

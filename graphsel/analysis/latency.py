@@ -13,9 +13,9 @@ Runtimes (:data:`RUNTIMES`):
 :func:`prepare_runtime` turns a model into a :class:`RuntimeRunner` (one call = one inference on
 fixed inputs; export / compile time kept apart), :func:`time_runners` times runners interleaved
 (same process, same threads; warm-up, one untimed *settling* call before every timed call so
-that the previous candidate's worker threads, which onnxruntime and OpenMP keep spinning for a
-while after a call, do not run into the timed one; medians and quartiles) and
-:func:`measure_model` times one model.
+that the previous candidate's worker threads, which OpenMP keeps spinning for a while after a
+call, do not run into the timed one; medians and quartiles; onnxruntime sessions do not spin,
+see :func:`ort_session`) and :func:`measure_model` times one model.
 
 **Layer tables** (:class:`LatencyTable`): the latency of one conv or linear layer of a given
 :class:`LayerShape` (input shape, kernel, stride, padding, dilation, groups, bias and the two
@@ -235,10 +235,14 @@ def export_onnx(model: nn.Module, inputs: tuple, path: str | os.PathLike) -> str
     return f"torch.onnx.export(dynamo=False) (dynamo failed: {reason[:120]})"
 
 
-def ort_session(path: str | os.PathLike | bytes, threads: int, *, spinning: bool = True, level: str = "all"):
+def ort_session(path: str | os.PathLike | bytes, threads: int, *, spinning: bool = False, level: str = "all"):
     """An onnxruntime CPU session: ``threads`` intra-op threads, one inter-op thread, graph
     optimisation ``level`` (``"disable"``, ``"basic"``, ``"extended"``, ``"all"``); ``spinning``:
-    whether idle worker threads busy-wait for the next call (onnxruntime's default)."""
+    whether idle worker threads busy-wait for the next call. onnxruntime spins by default; here it
+    does not, because timings interleave several sessions (and torch's threads) on the same cores,
+    and a session whose workers still spin takes the cores of the next one: on 2 cores single
+    batch-1 calls then take 10–20× longer at random (``benchmarks/ort_gap``). A single deployed
+    session may gain a little from spinning."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -265,7 +269,7 @@ def _ort_runner(m: nn.Module, inputs: tuple, threads: int, workdir):
 
     def run(s=sess, feed=feed):
         return [torch.from_numpy(o) for o in s.run(None, feed)]
-    return run, f"{method} + onnxruntime (CPU, ORT_ENABLE_ALL)", tmp
+    return run, f"{method} + onnxruntime (CPU, ORT_ENABLE_ALL, no spinning)", tmp
 
 
 @dataclass
