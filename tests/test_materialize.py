@@ -399,3 +399,62 @@ def test_masks_and_the_oracle_do_not_keep_the_graph_module_alive():
     del gm
     gc.collect()
     assert alive() is None
+
+
+class _SliceViewGroupNorm(nn.Module):
+    """Constructs whose size arguments materialize must rewrite: GroupNorm's group count, a channel
+    slice's bounds, a view's literal channel count (all sizes literal: next to a size computed at
+    run time, the analysis freezes a literal channel count instead)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.gn(self.conv1(x)))
+        x = torch.relu(self.conv2(x))[:, 4:12]
+        x = self.conv3(x)
+        return self.fc(x.view(2, 8, 64).mean(-1))
+
+
+def test_materialize_rewrites_group_counts_slice_bounds_and_literal_view_sizes():
+    torch.manual_seed(0)
+    model = _SliceViewGroupNorm().eval()
+    with torch.no_grad():                                # non-trivial affine GroupNorm
+        model.gn.weight.uniform_(0.5, 1.5)
+        model.gn.bias.uniform_(-0.5, 0.5)
+    x = (torch.randn(2, 3, 8, 8),)
+    gm = graphsel.trace(model, x)
+    add_group_mask(gm, "conv1", {4, 5, 6, 7})            # the second of GroupNorm's four groups
+    add_group_mask(gm, "conv2", {3, 5, 11, 13})          # inside and outside the slice [4, 12)
+    add_group_mask(gm, "conv3", {2})                     # the view's literal 8 becomes 7
+    with torch.no_grad():
+        oracle = oracle_forward(gm, x)
+    slim = graphsel.transform(gm, ["fold_masks", "materialize"], verify=True)
+    assert (slim.gn.num_groups, slim.gn.num_channels) == (3, 12)
+    assert slim.conv2.out_channels == 12 and slim.conv3.in_channels == 6 and slim.conv3.out_channels == 7
+    assert slim.fc.in_features == 7
+    with torch.no_grad():
+        torch.testing.assert_close(slim(*x), oracle, rtol=1e-4, atol=1e-5)
+    # the oracle itself against the model with those channels' filters zeroed, written out by hand
+    ref = _SliceViewGroupNorm().eval()
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for conv, pos in ((ref.conv2, [3, 5, 11, 13]), (ref.conv3, [2])):
+            conv.weight[pos] = 0
+            conv.bias[pos] = 0
+        x1 = torch.relu(ref.gn(ref.conv1(x[0])))
+        kept = [c for c in range(16) if c not in (4, 5, 6, 7)]
+        gn_kept = nn.GroupNorm(3, 12)
+        gn_kept.weight.copy_(ref.gn.weight[kept])
+        gn_kept.bias.copy_(ref.gn.bias[kept])
+        x1 = torch.zeros_like(x1)
+        x1[:, kept] = torch.relu(gn_kept(ref.conv1(x[0])[:, kept]))
+        y = torch.relu(ref.conv2(x1))[:, 4:12]
+        y = ref.conv3(y)
+        want = ref.fc(y.view(2, 8, 64).mean(-1))
+    torch.testing.assert_close(oracle, want, rtol=1e-4, atol=1e-5)
