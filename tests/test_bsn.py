@@ -299,6 +299,11 @@ def test_resnet_fabric_gates_every_edge_and_contains_the_resnet():
     assert cm.eval_cost("steps") == 14 and cm.full_cost("steps") > 14
     slim = graphsel.transform(gm, ["bsn_extract"], x)
     assert _params(slim) == _params(backbone)
+    # include / exclude match the branch's module (the innermost module holding the residual function)
+    last = graphsel.transform(fabric, [("budget_gates", {"exclude": "groups.2.*"})], x, verify=False)
+    assert len(bsn.gates(last)) == 12 - 2 - 3
+    only = graphsel.transform(fabric, [("budget_gates", {"include": ["groups.*.cross.*"]})], x, verify=False)
+    assert len(bsn.gates(only)) == 6
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -325,6 +330,9 @@ def test_neural_fabric_blocks_disconnected_edges_are_exact(seed):
     for kind in ("macs", "params", "steps"):
         assert cm.eval_cost(kind) == sc.eval_cost(kind)
     assert cm.eval_cost("params") == _params(slim)
+    kept = graphsel.transform(gm, [("bsn_extract", {"keep_gates": True})], x)   # to go on training
+    assert len(bsn.gates(kept)) == stats["gates"] - stats["off"] - stats["disconnected"]
+    assert bsn.ArchitectureCost(kept).eval_cost("macs") == cm.eval_cost("macs")
 
 
 # ------------------------------------------------------------------------------------------------
