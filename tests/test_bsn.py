@@ -427,7 +427,10 @@ def test_bad_input_is_a_clear_error():
 # ------------------------------------------------------------------------------------------------
 # the zoo
 
-ZOO = [("resnet18", 8), ("resnet50", 16), ("mobilenet_v2", 10)]
+# every torchvision family with residual branches: plain, bottleneck, grouped, wide, SE + inverted
+# residual, ConvNeXt's layer-scaled blocks, RegNet
+ZOO = [("resnet18", 8), ("resnet50", 16), ("mobilenet_v2", 10), ("resnext50_32x4d", 16), ("regnet_y_400mf", 16),
+       ("efficientnet_b0", 9), ("mobilenet_v3_large", 10), ("convnext_tiny", 18)]
 
 
 def _check_model(model, x, expected_gates):
@@ -456,6 +459,16 @@ def test_zoo_torchvision(name, gates):
     torch.manual_seed(0)
     model = randomize_norm_layers(torchvision.models.get_model(name, num_classes=10)).eval()
     _check_model(model, torch.randn(2, 3, 32, 32), gates)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["densenet121", "shufflenet_v2_x1_0"])
+def test_zoo_without_residual_branches_is_a_reported_noop(name):
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.get_model(name, num_classes=10).eval()
+    gm = graphsel.transform(model, ["budget_gates"], torch.randn(1, 3, 32, 32))
+    assert not bsn.gates(gm)
+    assert any("no residual branch" in d.message for d in graphsel_meta(gm).history[-1].diagnostics)
 
 
 @pytest.mark.zoo
