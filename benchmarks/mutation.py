@@ -175,8 +175,9 @@ MUTANTS: list[Mutant] = [
       "    e = expected_activation(module.bn) * module.is_open.detach().double()",
       "    e = expected_activation(module.bn)", ("tests/test_selective_conv.py",), "closed slots still count as damage"),
     # -- dynamic group convolution ----------------------------------------------------------------------------
-    M("dgc_warmup_off_by_one", "passes/dgc/schedule.py", "    if p <= WARMUP_END:", "    if p < WARMUP_END:",
-      ("tests/test_dynamic_group_conv.py",), "the k schedule starts pruning at the warm-up's last step"),
+    M("dgc_ramp_ignores_warmup", "passes/dgc/schedule.py", "        k = round(in_channels * ratio * 1.5 * (p - WARMUP_END))",
+      "        k = round(in_channels * ratio * 1.5 * p)", ("tests/test_dynamic_group_conv.py",),
+      "the k schedule's ramp ignores the warm-up (too many channels pruned during training)"),
     M("dgc_threshold_wrong_percentile", "passes/dgc/threshold.py", "        m = int(round(float(ratio) * v.numel()))",
       "        m = int(round((1 - float(ratio)) * v.numel()))", ("tests/test_dynamic_group_conv.py",),
       "the global threshold takes the (1 − ξ) percentile"),
@@ -228,6 +229,10 @@ def main(argv=None) -> dict:
     chosen = [m for m in MUTANTS if args.only is None or m.name in args.only]
     if args.quick:
         chosen = chosen[:3]
+    for m in chosen:        # every mutant applies before anything runs (a long run must not die at mutant 27)
+        text = (common.ROOT / m.file).read_text(encoding="utf-8")
+        if text.count(m.old) != 1:
+            raise RuntimeError(f"mutant {m.name}: its text occurs {text.count(m.old)} times in {m.file} (must be exactly once)")
     tmp = Path(tempfile.mkdtemp(prefix="graphsel-mutants-"))
     base = tmp / "tree"
     results = []
