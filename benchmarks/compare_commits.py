@@ -98,9 +98,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--models", nargs="+", default=None, help="instead of the default list (a re-check of a few)")
     ap.add_argument("--out", type=Path, default=common.RESULTS)
     args = ap.parse_args(argv)
-    models = QUICK_MODELS if args.quick else MODELS
+    models = args.models or (QUICK_MODELS if args.quick else MODELS)
     rounds, repeats, size = (1, 1, 64) if args.quick else (args.rounds, args.repeats, args.size)
     trees: dict[str, Path] = {}
     tmp = Path(tempfile.mkdtemp(prefix="graphsel-commits-"))
