@@ -158,6 +158,19 @@ def test_target_in_milliseconds_and_the_report(tmp_path):
     assert "latency-aware on eager" in graphsel.report(gm)
 
 
+def test_an_unreachable_target_is_reported_and_the_fastest_allocation_kept(tmp_path):
+    """Every group keeps at least 1/8 of its channels and the model's output channels stay: with
+    one millisecond per channel, 5 % of the dense latency cannot be reached."""
+    table = _table(tmp_path, additive)
+    gm = graphsel.transform(ThreeConvs(64), [("prune", {"target_latency": 0.05, "runtime": table}),
+                                             "fold_masks", "materialize"], (X,), verify=False)
+    rec = graphsel_meta(gm).history[0]
+    stats = rec.stats["latency"]
+    assert not stats["target_met"] and stats["measured_ms"] > 1.1 * stats["target_ms"]
+    assert [_kept(gm, c) for c in ("conv1", "conv2", "conv3")] == [8, 8, 8]     # every group at its minimum
+    assert any(d.level == "warning" and "could not reach the target" in d.message for d in rec.diagnostics)
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_latency_aware_pruning_on_torchvision_classifiers(tmp_path, name):
     """Residual groups (ResNet) and depthwise convolutions (MobileNet) through the fake table."""
@@ -172,6 +185,21 @@ def test_latency_aware_pruning_on_torchvision_classifiers(tmp_path, name):
     assert stats["measured_ms"] < stats["dense_ms"]
     assert abs(stats["measured_ms"] - stats["target_ms"]) <= 0.1 * stats["target_ms"], stats["attempts"]
     assert gm(x).shape == (1, 1000)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["resnet50", "densenet121", "mobilenet_v2", "convnext_tiny", "efficientnet_b0"])
+def test_latency_aware_pruning_on_the_issues_five_models(tmp_path, name):
+    """The five models of the latency benchmark, through the fake table: target met within 10 %."""
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    gm = graphsel.transform(model, [("prune", {"target_latency": 0.5, "runtime": _table(tmp_path, sixteen_fast)}),
+                                    "fold_masks", "materialize"], (x,), verify=False)
+    stats = graphsel_meta(gm).history[0].stats["latency"]
+    assert stats["target_met"], stats["attempts"]
+    assert graphsel.cost(gm, x).macs < graphsel.cost(model, x).macs
 
 
 # ------------------------------------------------------------------------------------------------
