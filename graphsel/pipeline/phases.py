@@ -454,9 +454,10 @@ def transform(model: nn.Module, passes: Any, example_inputs: Any = None, *, veri
     if not isinstance(model, nn.Module):
         raise TypeError(f"graphsel.transform expects a torch.nn.Module, got {type(model).__name__}")
     pipeline = resolve_passes(passes)
-    _check_device(model, example_inputs)
-    if verify and check_finite:
-        _check_finite(model, example_inputs)
+    if verify:
+        _check_device(model, example_inputs)
+        if check_finite:
+            _check_finite(model, example_inputs)
     mode = _mode_of(model)
     shared: set[int] = set()
     if isinstance(model, fx.GraphModule) and graphsel_meta(model, create=False) is not None:
@@ -489,14 +490,17 @@ def transform(model: nn.Module, passes: Any, example_inputs: Any = None, *, veri
 
 
 def _check_device(model: nn.Module, example_inputs: Any) -> None:
-    """graphsel runs models: tensors on the meta device (no data) cannot be transformed."""
+    """Verification runs the model: tensors on the meta device (no data) cannot be verified. Without
+    verification, passes that only analyse and rewrite the graph work on meta models (a cheap way to
+    search a zoo for patterns); a pass that needs data then fails with a PassError naming it."""
     named = list(module_tensors_of(model)) + [(f"example input {i}", t) for i, t in
                                               enumerate(as_tuple(example_inputs) or ()) if isinstance(t, torch.Tensor)]
     meta = next((name for name, t in named if t.device.type == "meta"), None)
     if meta is not None:
-        raise GraphselError(f"'{meta}' is on the meta device (shapes without data): graphsel.transform runs the "
-                            f"model to trace, verify and slice it, so it needs real tensors (CPU or CUDA). For the "
-                            f"costs of a meta model use graphsel.cost(model, example_inputs).")
+        raise GraphselError(f"'{meta}' is on the meta device (shapes without data): verification runs the model, "
+                            f"so it needs real tensors (CPU or CUDA). For the costs of a meta model use "
+                            f"graphsel.cost(model, example_inputs); passes that only analyse the graph run on it with "
+                            f"verify=False.")
 
 
 def module_tensors_of(model: nn.Module):
