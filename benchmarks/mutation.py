@@ -146,7 +146,8 @@ MUTANTS: list[Mutant] = [
       "        if predicted is not None:\n            _check_predicted_shapes", "        if False:\n            _check_predicted_shapes",
       ("tests/test_pipeline.py",), "a pass's recorded shapes are trusted under verification"),
     M("pass_copy_shares_modules", "graphsel/pipeline/phases.py", "    return copy.deepcopy(gm, memo)", "    return gm",
-      ("tests/test_pipeline.py",), "a pass edits the previous graph instead of a copy"),
+      ("tests/test_pipeline.py", "tests/test_latency.py"),
+      "a pass edits the previous graph instead of a copy (latency-aware pruning materialises trial models on copies)"),
     M("version_not_bumped", "graphsel/pipeline/phases.py", "        recompile(new)\n        step.ctx.invalidate(new)",
       "        recompile(new)", ("tests/test_pipeline.py", *MAT), "a changed graph keeps its cached analyses"),
     # -- tracing and copying ------------------------------------------------------------------------------
