@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 import traceback
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -45,22 +44,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 # -- environment ---------------------------------------------------------------------------
 
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from graphsel.analysis.latency import _version, cpu_model  # noqa: E402  (one definition: the latency tables' cache key uses them)
 
 
 def git_commit() -> str | None:
@@ -158,10 +142,10 @@ def repeat_wall(job: Callable[[], Any], repeats: int) -> tuple[list[float], Any]
 
 
 @contextlib.contextmanager
-def time_limit(seconds: float | None) -> Iterator[None]:
-    """Raise :class:`TimeoutError` in the main thread when the block runs longer than ``seconds``
-    (Unix, main thread only; a no-op otherwise). Pure-Python loops are interrupted at once,
-    a long native call when it returns."""
+def time_limit(seconds: float | None, error: type[BaseException] = TimeoutError) -> Iterator[None]:
+    """Raise ``error`` in the main thread when the block runs longer than ``seconds`` (Unix, main
+    thread only; a no-op otherwise). Pure-Python loops are interrupted at once, a long native call
+    when it returns."""
     usable = (seconds and seconds > 0 and hasattr(signal, "SIGALRM")
               and __import__("threading").current_thread() is __import__("threading").main_thread())
     if not usable:
@@ -169,7 +153,7 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         return
 
     def _raise(signum, frame):
-        raise TimeoutError(f"gave up after {seconds:.0f} s")
+        raise error(f"gave up after {seconds:.0f} s")
 
     old = signal.signal(signal.SIGALRM, _raise)
     signal.setitimer(signal.ITIMER_REAL, seconds)

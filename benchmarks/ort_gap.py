@@ -114,20 +114,10 @@ def export_all(models: dict, size: int, tmp: Path) -> dict[str, tuple[Path, str]
 
 
 def session(path: Path, threads: int, *, level: str = "all", spinning: bool = True, save_to: Path | None = None):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
-    if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if save_to is not None:
-        so.optimized_model_filepath = str(save_to)
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    """graphsel's onnxruntime session, spinning by default here: onnxruntime's own default, what
+    prune_latency measured with."""
+    from graphsel.analysis.latency import ort_session
+    return ort_session(path, threads, spinning=spinning, level=level, save_to=save_to)
 
 
 def structure(path: Path) -> dict[str, Any]:

@@ -296,17 +296,8 @@ class StageTimeout(BaseException):
     a library's fallback) can swallow it."""
 
 
-@contextlib.contextmanager
 def stage_limit(seconds: float):
-    def _raise(signum, frame):
-        raise StageTimeout(f"gave up after {seconds:.0f} s (--timeout)")
-    old = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    return common.time_limit(seconds, StageTimeout)
 
 
 OOM_NEEDLES = ("can't allocate memory", "cannot allocate memory", "bad_alloc", "out of memory",

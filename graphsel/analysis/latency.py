@@ -235,7 +235,8 @@ def export_onnx(model: nn.Module, inputs: tuple, path: str | os.PathLike) -> str
     return f"torch.onnx.export(dynamo=False) (dynamo failed: {reason[:120]})"
 
 
-def ort_session(path: str | os.PathLike | bytes, threads: int, *, spinning: bool = False, level: str = "all"):
+def ort_session(path: str | os.PathLike | bytes, threads: int, *, spinning: bool = False, level: str = "all",
+                save_to: str | os.PathLike | None = None):
     """An onnxruntime CPU session: ``threads`` intra-op threads, one inter-op thread, graph
     optimisation ``level`` (``"disable"``, ``"basic"``, ``"extended"``, ``"all"``); ``spinning``:
     whether idle worker threads busy-wait for the next call. onnxruntime spins by default; here it
@@ -255,6 +256,8 @@ def ort_session(path: str | os.PathLike | bytes, threads: int, *, spinning: bool
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
+    if save_to is not None:                      # the graph after optimisation, to inspect
+        so.optimized_model_filepath = str(save_to)
     return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so,
                                 providers=["CPUExecutionProvider"])
 

@@ -143,30 +143,25 @@ def is_weight_layer(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return n.op == "call_module" and isinstance(modules.get(n.target), _WEIGHT_LAYERS)
 
 
-def ancestors(node: fx.Node) -> set[fx.Node]:
-    """``node`` and every node it depends on."""
+def _closure(node: fx.Node, step) -> set[fx.Node]:
     seen: set[fx.Node] = set()
     stack = [node]
     while stack:
         n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
+        if n not in seen:
+            seen.add(n)
+            stack.extend(step(n))
     return seen
+
+
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node it depends on."""
+    return _closure(node, lambda n: n.all_input_nodes)
 
 
 def descendants(node: fx.Node) -> set[fx.Node]:
     """``node`` and every node that depends on it."""
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.users)
-    return seen
+    return _closure(node, lambda n: n.users)
 
 
 def weight_depth(gm: fx.GraphModule, modules: dict[str, nn.Module] | None = None) -> int:
