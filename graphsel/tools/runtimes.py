@@ -22,7 +22,7 @@ import torch.nn as nn
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
-from graphsel.analysis.latency import (RUNTIMES, RuntimeUnavailable, check_runtime_name, cpu_model, prepare_runtime,
+from graphsel.analysis.latency import (RUNTIMES, RuntimeUnavailable, _outputs, check_runtime_name, cpu_model, prepare_runtime,
                                        time_runners, torch_threads)
 from graphsel.errors import ExampleInputError
 from graphsel.ir.tracing import as_tuple, example_inputs_of
@@ -110,16 +110,6 @@ class RuntimeTable:
         return {"fastest": self.fastest, "export_format": self.export_format, "deploy": self.deploy,
                 "threads": self.threads, "inputs": self.inputs, "repeats": self.repeats, "warmup": self.warmup,
                 "cpu": self.cpu, "rows": [asdict(r) for r in self.rows]}
-
-
-def _outputs(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for k in sorted(out, key=str) for t in _outputs(out[k])]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _outputs(o)]
-    return []
 
 
 def benchmark_runtimes(model: nn.Module, example_inputs: Any = None, *, runtimes: Sequence[str] = RUNTIMES,
