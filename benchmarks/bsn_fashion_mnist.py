@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import graphsel
+from benchmarks.train import loader_accuracy
 from benchmarks.common import RESULTS, environment, environment_line, result_stem, set_threads, table, write_results
 from graphsel.passes import bsn
 from graphsel.tools.datasets import fashion_mnist
@@ -76,16 +77,6 @@ def costs_of(model: torch.nn.Module) -> dict:
     gm = model if isinstance(model, torch.fx.GraphModule) else graphsel.trace(model, EXAMPLE)
     cm = bsn.ArchitectureCost(gm, units=2)
     return {"macs": cm.eval_cost("macs"), "params": cm.eval_cost("params"), "steps": cm.eval_cost("steps")}
-
-
-def evaluate(model: torch.nn.Module, loader: DataLoader) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.inference_mode():
-        for x, y in loader:
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return correct / total
 
 
 def recalibrate_bn(model: torch.nn.Module, train_set, batches: int, batch_size: int) -> None:
@@ -129,7 +120,7 @@ def train_plain(name: str, model: torch.nn.Module, args, train_set, test_loader)
             opt.step()
             sched.step()
     seconds = time.perf_counter() - t0
-    result = {"name": name, "kind": "plain", "accuracy": evaluate(model, test_loader), "train_seconds": seconds,
+    result = {"name": name, "kind": "plain", "accuracy": loader_accuracy(model, test_loader), "train_seconds": seconds,
               **costs_of(model)}
     print(f"[{name}] test accuracy {result['accuracy']:.4f}, MACs {result['macs'] / 1e6:.2f} M, steps "
           f"{result['steps']:.0f} ({seconds:.0f} s)", flush=True)
@@ -154,13 +145,13 @@ def train_bsn(name: str, cost: str, fraction: float, args, train_set, test_loade
                       progress=args.progress, on_epoch_end=show)
     seconds = time.perf_counter() - t0
     gm.eval()
-    gated_accuracy = evaluate(gm, test_loader)
+    gated_accuracy = loader_accuracy(gm, test_loader)
     slim = graphsel.transform(gm, ["bsn_extract"], EXAMPLE)                      # verified equal to gm
     extracted = costs_of(slim)
     recalibrate_bn(slim, train_set, args.bn_batches, args.batch_size)
     budget = trainer.budget
     result = {"name": name, "kind": "bsn", "cost": cost, "fraction": fraction, "budget": budget,
-              "lambda": trainer.lam, "accuracy": evaluate(slim, test_loader), "accuracy_before_bn": gated_accuracy,
+              "lambda": trainer.lam, "accuracy": loader_accuracy(slim, test_loader), "accuracy_before_bn": gated_accuracy,
               "train_seconds": seconds, "log": log, **extracted,
               "full": trainer.full, "eval_cost": trainer.eval_cost(), "met": trainer.eval_cost() <= budget + 1e-9,
               "gates_on": sum(1 for _, g in bsn.gates(gm) if g.is_on), "gates": len(bsn.gates(gm)),

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import graphsel
+from benchmarks.train import loader_accuracy
 from benchmarks.common import RESULTS, environment, environment_line, result_stem, set_threads, table, write_results
 from graphsel.passes import dcp
 from graphsel.tools.datasets import fashion_mnist
@@ -76,16 +77,6 @@ EXAMPLE = torch.zeros(1, 1, 28, 28)
 
 
 # -- training and evaluation --------------------------------------------------------------------
-
-def evaluate(model: torch.nn.Module, loader: DataLoader) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.inference_mode():
-        for x, y in loader:
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return correct / total
-
 
 def sgd_train(model: torch.nn.Module, loader: DataLoader, steps: int, lr: float, weight_decay: float) -> float:
     """``steps`` steps of cross-entropy SGD (Nesterov 0.9, cosine from ``lr``); returns seconds."""
@@ -127,14 +118,14 @@ def run_seed(seed: int, args, train_set, test_loader) -> dict:
     # 1. pre-training
     model = preact_resnet_cifar(args.depth, in_channels=1, num_classes=10)
     out["pretrain_seconds"] = sgd_train(model, loader, args.epochs * len(loader), args.lr, 5e-4)
-    out["pretrained_accuracy"] = evaluate(model, test_loader)
+    out["pretrained_accuracy"] = loader_accuracy(model, test_loader)
     # 2. phase 1 (shared)
     gm = graphsel.transform(model, [("dcp_heads", {"heads": "auto"})], EXAMPLE, progress=False)
     phase1 = dcp.finetune(gm, loader, steps=args.phase1_steps, mode="sum", lr=args.phase1_lr, progress=False)
     out["phase1"] = {"steps": phase1.steps, "seconds": phase1.seconds, "losses": phase1.losses,
                      "heads": len(dcp.heads_of(gm))}
     base = graphsel.transform(gm, ["dcp_remove_heads"], progress=False)
-    out["phase1_accuracy"] = evaluate(base, test_loader)
+    out["phase1_accuracy"] = loader_accuracy(base, test_loader)
     out["dense_params"], out["dense_macs"] = size(base)
     pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(1000 + seed))[:args.select_samples]
     select = list(DataLoader(Subset(train_set, pick.tolist()), batch_size=128))
@@ -156,11 +147,11 @@ def run_seed(seed: int, args, train_set, test_loader) -> dict:
             slim = graphsel.transform(base, [("prune", options), "fold_masks", "materialize"], progress=False)
         prune_seconds = time.perf_counter() - t0
         params, macs = size(slim)
-        pruned = evaluate(slim, test_loader)
+        pruned = loader_accuracy(slim, test_loader)
         ft_gen = torch.Generator().manual_seed(2000 + seed)
         ft_loader = DataLoader(train_set, batch_size=128, shuffle=True, generator=ft_gen, drop_last=True)
         sgd_train(slim, ft_loader, args.finetune_steps, args.finetune_lr, 5e-4)
-        tuned = evaluate(slim, test_loader)
+        tuned = loader_accuracy(slim, test_loader)
         r = {"kind": kind, "variant": variant or kind, "ratio": ratio, "pruned_accuracy": pruned,
              "finetuned_accuracy": tuned, "params": params, "macs": macs, "prune_seconds": prune_seconds}
         print(f"[seed {seed}] η={ratio} {variant or kind}: {100 * pruned:.2f} % after pruning, {100 * tuned:.2f} % "

@@ -60,7 +60,7 @@ import graphsel
 from graphsel import distributed as gd
 from benchmarks.common import (RESULTS, environment, environment_line, human, measure, result_stem, set_threads,
                                table, write_results)
-from benchmarks.train import augment, sgd_step
+from benchmarks.train import augment, loader_accuracy, sgd_step
 from graphsel.tools.datasets import fashion_mnist
 from graphsel.tools.models import densenet_cifar
 from graphsel.passes import selective_conv as sc
@@ -97,16 +97,6 @@ def build_models(args) -> tuple[nn.Module, torch.fx.GraphModule]:
 def make_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
     return torch.optim.SGD(sc.param_groups(model, args.weight_decay, args.shift_weight_decay), lr=args.lr,
                            momentum=0.9, nesterov=True)
-
-
-def evaluate(model: nn.Module, loader: DataLoader) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.inference_mode():
-        for x, y in loader:
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return correct / total
 
 
 # -- budget ---------------------------------------------------------------------------------
@@ -450,12 +440,12 @@ def main(argv=None) -> dict:
         if args.rank:
             return {}
     base, sconv = run["models"]["baseline"], run["models"]["sconv"]
-    acc = {"baseline": evaluate(base, test_loader), "sconv": evaluate(sconv, test_loader)}
+    acc = {"baseline": loader_accuracy(base, test_loader), "sconv": loader_accuracy(sconv, test_loader)}
     example = (torch.randn(2, 1, 28, 28),)
     slim = graphsel.transform(sconv, ["lower_selective_conv", "fold_masks", "materialize"], example, progress=False)
     history = graphsel.graphsel_meta(slim).history
     export_dev = max(r.max_abs or 0.0 for r in history[-3:])
-    acc["exported"] = evaluate(slim, test_loader)
+    acc["exported"] = loader_accuracy(slim, test_loader)
     assert not any(isinstance(m, sc.SelectiveConv2d) for m in slim.modules())
     one = (torch.randn(1, 1, 28, 28),)
     cost = {"baseline": graphsel.cost(base, one), "sconv": graphsel.cost(sconv.eval(), one),

@@ -125,6 +125,17 @@ def evaluate(model: nn.Module, test_set: tuple[torch.Tensor, torch.Tensor], batc
     return correct / len(labels)
 
 
+def loader_accuracy(model: nn.Module, loader) -> float:
+    """Top-1 accuracy of ``model`` in eval mode over a DataLoader of ``(inputs, targets)``."""
+    model.eval()
+    correct = total = 0
+    with torch.inference_mode():
+        for x, y in loader:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return correct / total
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
