@@ -30,11 +30,9 @@ every run), 4 epochs with 1 of warm-up without sampling (as the paper's first 50
 batch 128: 800 iterations per run, 600 of them sampling architectures — the simulation of the
 gates' REINFORCE dynamics (``--simulate-lambda``) settles at the budgets within 300 — and the
 whole test set (10 000 images). Eighteen trainings (per seed: the super network, 4 budgeted, 4
-thinned, the thinned ones cheaper). Timing: one training iteration of the fabric costs 0.23 s of
-CPU time on one thread of the 2-core machine this was sized on (measured with
-``time.process_time`` while the machine was shared with other jobs, so no wall-clock time of a
-full run exists yet): about 45 minutes for the 18 runs single-threaded, including evaluation,
-extraction with verification and BatchNorm re-estimation; less with 2 threads. The ``--quick``
+thinned, the thinned ones cheaper). Timing: the full run took 54 minutes (3 225 s) single-threaded on the
+2-core AMD EPYC with another single-threaded benchmark on the second core (2026-12-07); a
+budgeted run 200–220 s, the super network 195 s, a thinned network 50–200 s. The ``--quick``
 smoke run (one seed, 1 024 images, 2 epochs of batch 32 without warm-up — 64 iterations, with the
 logit learning rate raised to 0.3 so that the gates move at all — 1 000 test images) should take
 1–2 minutes on an idle machine; its numbers say only that every stage runs.
@@ -45,6 +43,7 @@ Run: ``python -m benchmarks.bsn_fashion_mnist`` (full) or ``--quick``. Writes
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -60,7 +59,8 @@ from torch.utils.data import DataLoader
 
 import graphsel
 from benchmarks.train import loader_accuracy
-from benchmarks.common import RESULTS, environment, environment_line, result_stem, set_threads, table, write_results
+from benchmarks.common import (RESULTS, decide, environment, environment_line, paired_difference, result_stem, set_threads,
+                               table, write_results)
 from graphsel.passes import bsn
 from graphsel.tools.datasets import fashion_mnist
 
@@ -245,6 +245,11 @@ def markdown(results: dict) -> str:
                             f"{statistics.mean(r['eval_cost'] / r['full'] for r in rs):.3f}"])
         lines += ["", "Mean over seeds:", "", table(summary, ["budget", "BSN acc %", "thinned acc %",
                                                             "learned cost / super network"])]
+        lines += ["", "The paper's claim, a learned architecture is more accurate than a hand-designed one of the "
+                  "same cost: paired difference BSN − thinned (same seed) in accuracy points, 95 % t-interval; "
+                  "`reproduced` if it lies above 0, `not reproduced` if below, `undecided` otherwise.", "",
+                  table([claim_row(name, results["seed_runs"]) for name in names],
+                        ["budget", "per seed", "mean", "95 % CI", "status"])]
     lines += ["", f"Accuracy against cost: ![pareto]({results['plot']})", ""]
     for r in bsn_runs[: len(names) if bsn_runs else 0]:
         lines += [f"Cost trajectory, {r['name']} (seed {r['seed']}; costs as fractions of the super network):", ""]
@@ -255,6 +260,15 @@ def markdown(results: dict) -> str:
                             "train acc %"]))
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def claim_row(name: str, runs: list[dict]) -> list:
+    acc = {r["seed"]: 100 * r["accuracy"] for r in runs if r["name"] == name}
+    thin = {r["seed"]: 100 * r["accuracy"] for r in runs if r.get("thinned_for") == name}
+    d = paired_difference(acc, thin)
+    ci = f"[{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]" if d["ci"] else "—"
+    return [name, " / ".join(f"{x:+.2f}" for x in d["diffs"]), f"{d['mean']:+.2f}" if d["diffs"] else "—", ci,
+            f"**{decide(d['ci'])}**"]
 
 
 def simulate_lambda(args, lambdas=(1.0, 2.0, 5.0, 10.0), lrs=(0.1, 0.05), iters: int = 300, seeds=(0, 1)) -> list:
@@ -322,7 +336,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--simulate-lambda", action="store_true",
                     help="only simulate the gate logits' REINFORCE dynamics for several λ (seconds) and print them")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite the markdown and the plot from the existing results JSON (no training)")
     args = ap.parse_args(argv)
+    if args.render:
+        stem = result_stem("bsn_fashion_mnist", args.quick)
+        results = json.loads((args.out / f"{stem}.json").read_text())
+        plot(results, args.out / results["plot"])
+        js, md = write_results("bsn_fashion_mnist", results, markdown(results), args.out, quick=args.quick)
+        print(f"rewrote {md} and {results['plot']} from {js}")
+        return results
     if args.quick:
         args.epochs, args.warmup_epochs, args.train_samples, args.test_samples = 2, 0, 1024, 1000
         args.batch_size, args.bn_batches, args.logit_lr = 32, 8, 0.3

@@ -66,7 +66,8 @@ from torch.utils.data import DataLoader, Subset
 
 import graphsel
 from benchmarks.train import loader_accuracy
-from benchmarks.common import RESULTS, environment, environment_line, result_stem, set_threads, table, write_results
+from benchmarks.common import (RESULTS, environment, environment_line, paired_difference, result_stem, set_threads, table,
+                               write_results)
 from graphsel.passes import dcp
 from graphsel.tools.datasets import fashion_mnist
 from graphsel.tools.models import preact_resnet_cifar
@@ -196,18 +197,6 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def paired(a: dict[int, float], b: dict[int, float]) -> dict:
-    """DCP − baseline over seeds: mean, sd and the 95 % t-interval (None for one seed)."""
-    keys = sorted(set(a) & set(b))
-    d = [a[k] - b[k] for k in keys]
-    out = {"n": len(d), "mean": statistics.mean(d) if d else None, "ci": None}
-    if len(d) >= 2:
-        from scipy.stats import t
-        half = float(t.ppf(0.975, len(d) - 1)) * statistics.stdev(d) / len(d) ** 0.5
-        out["ci"] = [out["mean"] - half, out["mean"] + half]
-    return out
-
-
 def verdict(ci) -> str:
     if ci is None:
         return "undecided (one seed)"
@@ -234,7 +223,7 @@ def summarise(results: dict) -> dict:
                                     "per_seed_finetuned": ft, "params": arm0["params"], "macs": arm0["macs"]})
         for base in CRITERIA[1:]:
             for key, when in (("pruned_accuracy", "after pruning"), ("finetuned_accuracy", "after fine-tuning")):
-                d = paired(by_seed(results, "dcp", ratio, key), by_seed(results, base, ratio, key))
+                d = paired_difference(by_seed(results, "dcp", ratio, key), by_seed(results, base, ratio, key))
                 summary["claims"].append({"ratio": ratio, "baseline": base, "when": when, **d,
                                           "verdict": verdict(d["ci"])})
     return summary
