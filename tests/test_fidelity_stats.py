@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from benchmarks import dgc_fidelity, sconv_fidelity
+from benchmarks import bsn_fashion_mnist, dgc_fidelity, sconv_fidelity
 from benchmarks.common import CLAIM_STATUSES, decide, paired_difference
 
 
@@ -50,6 +50,19 @@ def test_sconv_claims_follow_the_runs():
     assert claims["scaled_gamma−static_matched"]["status"] == "not reproduced"
     summary = {s["arm"]: s for s in sconv_fidelity.summarise(runs)}
     assert summary["scaled_gamma"]["acc_mean"] == pytest.approx(92.0 + 100 * sum(noise.values()) / 3)
+
+
+def test_bsn_claim_pairs_each_budget_with_its_thinned_network_by_seed():
+    runs = [{"name": "bsn macs 50%", "seed": 0, "accuracy": 0.850}, {"name": "bsn macs 50%", "seed": 1, "accuracy": 0.860},
+            {"name": "thinned (widths 6/11/22)", "thinned_for": "bsn macs 50%", "seed": 1, "accuracy": 0.870},
+            {"name": "thinned (widths 6/11/22)", "thinned_for": "bsn macs 50%", "seed": 0, "accuracy": 0.875},
+            {"name": "thinned (widths 1/1/1)", "thinned_for": "bsn macs 25%", "seed": 0, "accuracy": 0.1}]
+    name, per_seed, mean, ci, status = bsn_fashion_mnist.claim_row("bsn macs 50%", runs)
+    assert per_seed == "-2.50 / -1.00" and mean == "-1.75"
+    half = 12.706204736174707 * math.sqrt(1.125) / math.sqrt(2)          # t_{0.975, 1} · sd / √n
+    assert ci == f"[{-1.75 - half:+.2f}, {-1.75 + half:+.2f}]" and status == "**undecided**"
+    runs[1]["accuracy"] = 0.845                                                   # both seeds 2.5 points behind: sd 0
+    assert bsn_fashion_mnist.claim_row("bsn macs 50%", runs)[-1] == "**not reproduced**"
 
 
 def test_dgc_claims_use_the_one_point_margin_against_dense():
