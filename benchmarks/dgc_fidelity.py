@@ -51,7 +51,9 @@ trains CIFAR with it), images normalised with the training set's mean and sd.
 ramps from iteration 78 to 702 and holds ξ for the last 234); a DGC training iteration costs
 about 3× a dense one on CPU (the masked formulation computes every head over all channels), so
 the 12 DGC-type trainings dominate; the whole run is sized at about 40–50 minutes on a quiet
-2-core machine (the script prints its own estimate first).
+2-core machine (the script prints its own estimate first). Measured on the EPYC (2026-12-07), one
+seed per single-threaded process beside other benchmarks: 53 and 61 min per seed; a quiet
+two-thread run has not been timed.
 
 **Statistics and the decision rule**: per arm, mean ± sd of the test accuracy over seeds; per
 claim, the paired difference (method − reference, same seed) in accuracy points, its mean and

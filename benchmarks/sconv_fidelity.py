@@ -47,7 +47,9 @@ mean and sd; dealloc → realloc during the first half of training; K = 3 for 1�
   The scaled γ gives 6 calls the paper's total budget over its 150 calls (1 − 0.999¹⁵⁰ = 13.9 %).
   At γ = 1e-3 a short run closes almost nothing (the ``paper_gamma`` arm shows how much);
 * the per-iteration time estimated before the run is printed; the whole run (18 trainings, 12
-  exports, evaluations) is sized at about 40–50 minutes on a quiet 2-core machine.
+  exports, evaluations) was sized at about 40–50 minutes on a quiet 2-core machine; measured on
+  the EPYC (2026-12-07) single-threaded beside other single-threaded benchmarks: 149 min, 6–11 min
+  per training — a quiet two-thread run has not been timed, and the sizing may be optimistic.
 
 **Statistics and the decision rule**: per arm, mean ± sd of the test accuracy over seeds; per
 claim, the paired difference (method − reference, same seed) in accuracy points, its mean and
